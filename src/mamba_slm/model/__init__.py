@@ -1,0 +1,1 @@
+"""The model: Mamba mixers, attention, the inference cache and the hybrid LM."""

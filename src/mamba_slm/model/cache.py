@@ -1,0 +1,138 @@
+"""One inference cache for every layer of a hybrid model.
+
+A Mamba layer keeps a fixed-size state (the last d_conv-1 conv inputs and the SSM state), an
+attention layer keeps keys and values in preallocated buffers that grow by doubling, so a
+decode step never concatenates. The cache also remembers, per row, which slots hold real
+tokens (left padding never becomes a key) and the position of the next token, so RoPE and
+ALiBi see each row's own positions. Rows can be reordered or selected (beam search) and one
+prefilled row can be expanded into N samples without running the prompt again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..config import ModelConfig
+
+
+@dataclass
+class MambaState:
+    conv: Tensor  # (b, d_conv - 1, conv_dim): the last conv inputs, oldest first
+    ssm: Tensor  # mamba2: (b, h, p, n); mamba1: (b, d_inner, n)
+
+
+@dataclass
+class KVState:
+    k: Tensor  # (b, n_kv_heads, capacity, head_dim)
+    v: Tensor
+
+
+class HybridCache:
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        capacity: int = 256,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.config = config
+        self.seqlen = 0  # slots written so far (padding included)
+        self.capacity = max(1, capacity)
+        self.valid = torch.zeros(batch_size, self.capacity, dtype=torch.bool, device=device)
+        self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.layers: list[MambaState | KVState] = []
+        c = config
+        for kind in c.layer_pattern:
+            if kind == "A":
+                shape = (batch_size, c.n_kv_heads, self.capacity, c.attn_head_dim)
+                self.layers.append(
+                    KVState(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+                )
+            elif c.mixer == "mamba2":
+                conv_dim = c.d_inner + 2 * c.n_groups * c.d_state
+                self.layers.append(
+                    MambaState(
+                        torch.zeros(batch_size, c.d_conv - 1, conv_dim, device=device, dtype=dtype),
+                        torch.zeros(batch_size, c.n_ssm_heads, c.head_dim, c.d_state, device=device, dtype=dtype),
+                    )
+                )
+            else:
+                self.layers.append(
+                    MambaState(
+                        torch.zeros(batch_size, c.d_conv - 1, c.d_inner, device=device, dtype=dtype),
+                        torch.zeros(batch_size, c.d_inner, c.d_state, device=device, dtype=dtype),
+                    )
+                )
+
+    @property
+    def batch_size(self) -> int:
+        return self.valid.shape[0]
+
+    # ------------------------------------------------------------------ per forward pass
+    def begin(self, new_len: int, mask: Tensor | None) -> Tensor:
+        """Reserve slots for `new_len` tokens; returns their positions (b, new_len)."""
+        self._ensure_capacity(self.seqlen + new_len)
+        sl = slice(self.seqlen, self.seqlen + new_len)
+        if mask is None:
+            self.valid[:, sl] = True
+            positions = self.next_pos[:, None] + torch.arange(new_len, device=self.valid.device)
+        else:
+            self.valid[:, sl] = mask
+            positions = (self.next_pos[:, None] + mask.long().cumsum(1) - 1).clamp_min(0)
+        return positions
+
+    def end(self, new_len: int) -> None:
+        sl = slice(self.seqlen, self.seqlen + new_len)
+        self.next_pos += self.valid[:, sl].sum(1)
+        self.seqlen += new_len
+
+    def append_kv(self, layer_idx: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write new keys/values (b, hkv, l, hd) after the used slots; returns all of them so far."""
+        state = self.layers[layer_idx]
+        end = self.seqlen + k.shape[2]
+        state.k[:, :, self.seqlen : end] = k
+        state.v[:, :, self.seqlen : end] = v
+        return state.k[:, :, :end], state.v[:, :, :end]
+
+    def key_valid(self, new_len: int) -> Tensor:
+        return self.valid[:, : self.seqlen + new_len]
+
+    def has_padding(self, new_len: int) -> bool:
+        return not bool(self.key_valid(new_len).all())
+
+    # ------------------------------------------------------------------ row operations
+    def select_rows(self, index: Tensor) -> HybridCache:
+        """Keep (and reorder, or repeat) rows by `index`, in place; used by beam search."""
+        index = index.to(self.valid.device)
+        self.valid = self.valid.index_select(0, index)
+        self.next_pos = self.next_pos.index_select(0, index)
+        for state in self.layers:
+            if isinstance(state, KVState):
+                state.k = state.k.index_select(0, index)
+                state.v = state.v.index_select(0, index)
+            else:
+                state.conv = state.conv.index_select(0, index)
+                state.ssm = state.ssm.index_select(0, index)
+        return self
+
+    def expand_rows(self, n: int) -> HybridCache:
+        """Repeat each row n times (row i becomes rows i*n .. i*n+n-1): N samples from one prefill."""
+        index = torch.arange(self.batch_size, device=self.valid.device).repeat_interleave(n)
+        return self.select_rows(index)
+
+    # ------------------------------------------------------------------ storage
+    def _ensure_capacity(self, needed: int) -> None:
+        if needed <= self.capacity:
+            return
+        new_cap = max(needed, 2 * self.capacity)
+        grow = new_cap - self.capacity
+        self.valid = torch.nn.functional.pad(self.valid, (0, grow))
+        for state in self.layers:
+            if isinstance(state, KVState):
+                state.k = torch.nn.functional.pad(state.k, (0, 0, 0, grow))
+                state.v = torch.nn.functional.pad(state.v, (0, 0, 0, grow))
+        self.capacity = new_cap

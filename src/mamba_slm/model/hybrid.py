@@ -1,0 +1,207 @@
+"""The hybrid language model: embedding -> blocks -> RMSNorm -> LM head.
+
+A block is pre-norm: x + mixer(norm(x)), then x + mlp(norm(x)); the mixer is a Mamba layer
+(`ssm.py`) or an attention layer (`attention.py`) as `config.layer_pattern` says, the MLP is
+SwiGLU (`d_intermediate = 0` drops it). `HybridLM` is a plain `nn.Module`; `hf.py` wraps it
+for the Hugging Face world.
+
+Design choices:
+  * one `forward` for training, prefill and decode: with a `HybridCache` it continues from the
+    cached state (a whole prompt in one parallel pass, or one token via the recurrent step);
+  * positions come from the attention mask, so a left-padded row sees exactly what it would
+    alone; RoPE cos/sin and the mask are built once per pass and shared by the layers;
+  * `num_logits_to_keep` computes the LM head only where logits are needed (generation);
+  * init: N(0, 0.02) weights, residual output projections scaled by 1/sqrt(2 n_layers)
+    (GPT-2), Mamba's own dt/A/D init; tied embeddings by default.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import ModelConfig
+from .attention import Attention, AttentionInputs, build_attention_inputs, rope_inv_freq
+from .cache import HybridCache
+from .ssm import Mamba1Mixer, Mamba2Mixer
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+class MLP(nn.Module):
+    def __init__(self, d_model: int, d_intermediate: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, d_intermediate, bias=False)
+        self.up_proj = nn.Linear(d_model, d_intermediate, bias=False)
+        self.down_proj = nn.Linear(d_intermediate, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.kind = config.layer_pattern[layer_idx]
+        self.input_norm = RMSNorm(config.d_model, config.norm_eps)
+        if self.kind == "A":
+            self.mixer: nn.Module = Attention(config, layer_idx)
+        elif config.mixer == "mamba2":
+            self.mixer = Mamba2Mixer(config, layer_idx)
+        else:
+            self.mixer = Mamba1Mixer(config, layer_idx)
+        self.mlp = MLP(config.d_model, config.d_intermediate) if config.d_intermediate else None
+        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps) if self.mlp is not None else None
+
+    def forward(
+        self, x: Tensor, mask: Tensor | None, attn: AttentionInputs | None, cache: HybridCache | None
+    ) -> Tensor:
+        h = self.input_norm(x)
+        if self.kind == "A":
+            h = self.mixer(h, attn, cache)
+        else:
+            h = self.mixer(h, mask, cache.layers[self.mixer.layer_idx] if cache is not None else None)
+        x = x + h
+        if self.mlp is not None:
+            x = x + self.mlp(self.mlp_norm(x))
+        return x
+
+
+@dataclass
+class CausalLMOutput:
+    logits: Tensor  # (b, l, vocab) or (b, num_logits_to_keep, vocab)
+    loss: Tensor | None = None
+    cache: HybridCache | None = None
+
+
+class HybridLM(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        inv_freq, self.rope_factor = rope_inv_freq(config) if "A" in config.layer_pattern else (None, 1.0)
+        self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
+        self.gradient_checkpointing = False
+        self.reset_parameters()
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std = self.config.initializer_range
+        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                is_residual_out = name.endswith(("out_proj", "o_proj", "down_proj"))
+                nn.init.normal_(module.weight, 0.0, residual_std if is_residual_out else std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        for module in self.modules():
+            if hasattr(module, "init_ssm_parameters"):
+                module.init_ssm_parameters()
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        cache: HybridCache | None = None,
+        num_logits_to_keep: int = 0,
+    ) -> CausalLMOutput:
+        """input_ids: (b, l). attention_mask: (b, l), 1 for real tokens, 0 for (left) padding; it
+        covers the new tokens only, the cache remembers earlier ones. labels: (b, l), -100 ignored."""
+        b, seqlen = input_ids.shape
+        mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            mask = attention_mask.bool()
+        if cache is not None:
+            positions = cache.begin(seqlen, mask)
+        elif mask is not None:
+            positions = (mask.long().cumsum(1) - 1).clamp_min(0)
+        else:
+            positions = torch.arange(seqlen, device=input_ids.device).expand(b, seqlen)
+
+        hidden = self.embed_tokens(input_ids)  # (b, l, d)
+        attn = self._attention_inputs(positions, mask, cache, hidden.dtype)
+        for block in self.layers:
+            if self.gradient_checkpointing and self.training:
+                hidden = checkpoint(block, hidden, mask, attn, cache, use_reentrant=False)
+            else:
+                hidden = block(hidden, mask, attn, cache)
+        if cache is not None:
+            cache.end(seqlen)
+        hidden = self.norm(hidden)
+        if num_logits_to_keep:
+            hidden = hidden[:, -num_logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = self.loss(logits, labels, mask)
+        return CausalLMOutput(logits=logits, loss=loss, cache=cache)
+
+    @staticmethod
+    def loss(logits: Tensor, labels: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Next-token cross-entropy (fp32); padding and -100 labels are ignored."""
+        shifted = labels[:, 1:]
+        if mask is not None:  # no loss on padding, nor on predicting from a padding position
+            shifted = shifted.masked_fill(~(mask[:, 1:] & mask[:, :-1]), -100)
+        shifted = shifted.reshape(-1)
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), shifted, ignore_index=-100)
+
+    def _attention_inputs(
+        self, positions: Tensor, mask: Tensor | None, cache: HybridCache | None, dtype: torch.dtype
+    ) -> AttentionInputs | None:
+        if "A" not in self.config.layer_pattern:
+            return None
+        seqlen = positions.shape[1]
+        offset = cache.seqlen if cache is not None else 0
+        key_valid = mask
+        if cache is not None:
+            key_valid = cache.key_valid(seqlen) if cache.has_padding(seqlen) else None
+        return build_attention_inputs(
+            self.config, self.rope_inv_freq, self.rope_factor, positions, key_valid, offset, dtype
+        )
+
+    # ------------------------------------------------------------------ conveniences
+    def allocate_cache(self, batch_size: int, capacity: int = 256) -> HybridCache:
+        p = self.embed_tokens.weight
+        return HybridCache(self.config, batch_size, capacity, device=p.device, dtype=p.dtype)
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing = False
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        params = {id(p): p for p in self.parameters() if p.requires_grad or not trainable_only}
+        return sum(p.numel() for p in params.values())
+
+    def save_pretrained(self, path: str | Path, **kwargs) -> None:
+        from ..checkpoint import save_model
+
+        save_model(self, path, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kwargs) -> HybridLM:
+        from ..checkpoint import load_model
+
+        return load_model(path, **kwargs)
