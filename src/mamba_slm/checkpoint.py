@@ -24,7 +24,11 @@ from .model.hybrid import HybridLM
 
 MODEL_TYPE = "mamba_slm"
 ARCHITECTURE = "MambaSLMForCausalLM"
-CONFIG_NAME, WEIGHTS_NAME, GENERATION_CONFIG_NAME = "config.json", "model.safetensors", "generation_config.json"
+CONFIG_NAME, WEIGHTS_NAME, GENERATION_CONFIG_NAME = (
+    "config.json",
+    "model.safetensors",
+    "generation_config.json",
+)
 
 
 class CheckpointError(ValueError):
@@ -80,8 +84,12 @@ def save_model(model: HybridLM, path: str | Path, generation_config: dict[str, A
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)  # shared with embed_tokens.weight; safetensors stores it once
     atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    atomic_write_json(path / GENERATION_CONFIG_NAME, generation_config or generation_config_json(model.config))
-    atomic_write_json(path / CONFIG_NAME, config_to_json(model.config))  # last: its presence marks a complete dir
+    atomic_write_json(
+        path / GENERATION_CONFIG_NAME, generation_config or generation_config_json(model.config)
+    )
+    atomic_write_json(
+        path / CONFIG_NAME, config_to_json(model.config)
+    )  # last: its presence marks a complete dir
     return path
 
 

@@ -97,7 +97,9 @@ class ModelConfig:
         if "A" in self.layer_pattern:
             self._validate_attention()
         if self.sliding_window is not None and self.sliding_window <= 0:
-            raise ConfigError(f"ModelConfig.sliding_window: expected a positive int, got {self.sliding_window}")
+            raise ConfigError(
+                f"ModelConfig.sliding_window: expected a positive int, got {self.sliding_window}"
+            )
 
     # ----------------------------------------------------------------- derived values
     @property

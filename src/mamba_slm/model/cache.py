@@ -50,14 +50,19 @@ class HybridCache:
             if kind == "A":
                 shape = (batch_size, c.n_kv_heads, self.capacity, c.attn_head_dim)
                 self.layers.append(
-                    KVState(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+                    KVState(
+                        torch.zeros(shape, device=device, dtype=dtype),
+                        torch.zeros(shape, device=device, dtype=dtype),
+                    )
                 )
             elif c.mixer == "mamba2":
                 conv_dim = c.d_inner + 2 * c.n_groups * c.d_state
                 self.layers.append(
                     MambaState(
                         torch.zeros(batch_size, c.d_conv - 1, conv_dim, device=device, dtype=dtype),
-                        torch.zeros(batch_size, c.n_ssm_heads, c.head_dim, c.d_state, device=device, dtype=dtype),
+                        torch.zeros(
+                            batch_size, c.n_ssm_heads, c.head_dim, c.d_state, device=device, dtype=dtype
+                        ),
                     )
                 )
             else:

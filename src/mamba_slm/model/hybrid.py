@@ -96,8 +96,7 @@ class HybridLM(nn.Module):
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        inv_freq, self.rope_factor = rope_inv_freq(config) if "A" in config.layer_pattern else (None, 1.0)
-        self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
+        self._rope: tuple[Tensor, float] | None = None  # computed on first use, on the input's device
         self.gradient_checkpointing = False
         self.reset_parameters()
         if config.tie_embeddings:
@@ -164,7 +163,9 @@ class HybridLM(nn.Module):
         if mask is not None:  # no loss on padding, nor on predicting from a padding position
             shifted = shifted.masked_fill(~(mask[:, 1:] & mask[:, :-1]), -100)
         shifted = shifted.reshape(-1)
-        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), shifted, ignore_index=-100)
+        return F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), shifted, ignore_index=-100
+        )
 
     def _attention_inputs(
         self, positions: Tensor, mask: Tensor | None, cache: HybridCache | None, dtype: torch.dtype
@@ -176,9 +177,11 @@ class HybridLM(nn.Module):
         key_valid = mask
         if cache is not None:
             key_valid = cache.key_valid(seqlen) if cache.has_padding(seqlen) else None
-        return build_attention_inputs(
-            self.config, self.rope_inv_freq, self.rope_factor, positions, key_valid, offset, dtype
-        )
+        if self._rope is None or self._rope[0].device != positions.device:
+            # Not a buffer: frameworks that build the module on the meta device would leave it empty.
+            inv_freq, factor = rope_inv_freq(self.config)
+            self._rope = (inv_freq.to(positions.device), factor)
+        return build_attention_inputs(self.config, *self._rope, positions, key_valid, offset, dtype)
 
     # ------------------------------------------------------------------ conveniences
     def allocate_cache(self, batch_size: int, capacity: int = 256) -> HybridCache:

@@ -35,7 +35,13 @@ def _segsum(a: Tensor) -> Tensor:
 
 
 def ssd_chunked(
-    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, initial_state: Tensor | None = None
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    chunk_size: int,
+    initial_state: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Chunked SSD scan.
 
@@ -116,7 +122,9 @@ def ssd_reference(
     ys = []
     for t in range(seqlen):
         decay = torch.exp(dt[:, t] * A)  # (b, h)
-        state = state * decay[..., None, None] + (dt[:, t, :, None] * x[:, t])[..., None] * Bh[:, t, :, None, :]
+        state = (
+            state * decay[..., None, None] + (dt[:, t, :, None] * x[:, t])[..., None] * Bh[:, t, :, None, :]
+        )
         ys.append(torch.einsum("bhpn,bhn->bhp", state, Ch[:, t]))
     return torch.stack(ys, dim=1), state
 
@@ -137,7 +145,13 @@ def _scan_pairs(a: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def selective_scan_chunked(
-    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, initial_state: Tensor | None = None
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    chunk_size: int,
+    initial_state: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Chunked Mamba-1 selective scan.
 

@@ -110,7 +110,9 @@ class Mamba2Mixer(nn.Module):
         self.dt_min, self.dt_max = c.dt_min, c.dt_max
         self.scan_impl = "chunked"
         self.in_proj = nn.Linear(c.d_model, c.d_inner + self.conv_dim + self.n_heads, bias=False)
-        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, c.d_conv, groups=self.conv_dim, padding=c.d_conv - 1)
+        self.conv1d = nn.Conv1d(
+            self.conv_dim, self.conv_dim, c.d_conv, groups=self.conv_dim, padding=c.d_conv - 1
+        )
         self.dt_bias = nn.Parameter(torch.zeros(self.n_heads))
         self.A_log = nn.Parameter(torch.zeros(self.n_heads))
         self.D = nn.Parameter(torch.ones(self.n_heads))
@@ -142,7 +144,9 @@ class Mamba2Mixer(nn.Module):
         xBC = F.silu(causal_conv(xBC, self.conv1d, state))
         if mask is not None:
             xBC = xBC * mask[..., None].to(xBC.dtype)
-        x, B, C = torch.split(xBC, [self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], -1)
+        x, B, C = torch.split(
+            xBC, [self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], -1
+        )
         dt = F.softplus(dt + self.dt_bias)  # (b, l, h)
         if mask is not None:
             dt = dt * mask[..., None].to(dt.dtype)
@@ -166,7 +170,9 @@ class Mamba2Mixer(nn.Module):
         xBC = causal_conv1d_fn(
             xBC.transpose(1, 2), self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu"
         ).transpose(1, 2)
-        x, B, C = torch.split(xBC, [self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], -1)
+        x, B, C = torch.split(
+            xBC, [self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], -1
+        )
         y = chunk_scan(
             x.reshape(b, seqlen, self.n_heads, self.head_dim),
             dt,
@@ -185,7 +191,9 @@ class Mamba2Mixer(nn.Module):
         b = hidden.shape[0]
         z, xBC, dt = self._split(self.in_proj(hidden[:, 0]))
         xBC = F.silu(causal_conv_step(xBC, self.conv1d, state))
-        x, B, C = torch.split(xBC, [self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], -1)
+        x, B, C = torch.split(
+            xBC, [self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], -1
+        )
         dt = F.softplus(dt + self.dt_bias)  # (b, h)
         x = x.reshape(b, self.n_heads, self.head_dim)
         A = -torch.exp(self.A_log.float())
@@ -202,7 +210,12 @@ class Mamba1Mixer(nn.Module):
         super().__init__()
         c = config
         self.layer_idx = layer_idx
-        self.d_inner, self.d_state, self.dt_rank, self.chunk_size = c.d_inner, c.d_state, c.dt_rank, c.chunk_size
+        self.d_inner, self.d_state, self.dt_rank, self.chunk_size = (
+            c.d_inner,
+            c.d_state,
+            c.dt_rank,
+            c.chunk_size,
+        )
         self.dt_min, self.dt_max = c.dt_min, c.dt_max
         self.scan_impl = "chunked"
         self.in_proj = nn.Linear(c.d_model, 2 * c.d_inner, bias=False)
@@ -219,7 +232,9 @@ class Mamba1Mixer(nn.Module):
         bound = self.dt_rank**-0.5
         self.dt_proj.weight.uniform_(-bound, bound)
         self.dt_proj.bias.copy_(inverse_softplus_dt(self.d_inner, self.dt_min, self.dt_max))
-        self.A_log.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).expand_as(self.A_log))
+        self.A_log.copy_(
+            torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).expand_as(self.A_log)
+        )
         self.D.fill_(1.0)
 
     def _ssm_inputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
