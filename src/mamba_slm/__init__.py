@@ -8,7 +8,4 @@ from .model.hybrid import CausalLMOutput, HybridLM  # noqa: E402
 
 __all__ = ["ConfigError", "ModelConfig", "HybridCache", "HybridLM", "CausalLMOutput", "__version__"]
 
-try:  # register with transformers' Auto classes when it is installed (it is a dependency)
-    from . import hf as _hf  # noqa: E402,F401
-except ImportError:  # pragma: no cover
-    pass
+from . import hf as _hf  # noqa: E402,F401  (registers the transformers Auto classes)
