@@ -3,12 +3,8 @@
 import pytest
 import torch
 
-from mamba_slm.model.scan import (
-    selective_scan_chunked,
-    selective_scan_reference,
-    ssd_chunked,
-    ssd_reference,
-)
+from mamba_slm.model.selective_scan import selective_scan_chunked, selective_scan_reference
+from mamba_slm.model.ssd import ssd_chunked, ssd_reference
 
 
 def _ssd_inputs(b=2, seqlen=40, h=4, p=8, g=2, n=16):

@@ -159,13 +159,12 @@ class HybridLM(nn.Module):
     @staticmethod
     def loss(logits: Tensor, labels: Tensor, mask: Tensor | None = None) -> Tensor:
         """Next-token cross-entropy (fp32); padding and -100 labels are ignored."""
-        shifted = labels[:, 1:]
         if mask is not None:  # no loss on padding, nor on predicting from a padding position
-            shifted = shifted.masked_fill(~(mask[:, 1:] & mask[:, :-1]), -100)
-        shifted = shifted.reshape(-1)
-        return F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), shifted, ignore_index=-100
-        )
+            labels = labels.masked_fill(~mask, -100)
+            labels = labels.masked_fill(~F.pad(mask[:, :-1], (1, 0), value=True), -100)
+        # Shift the labels, not the logits: slicing the logits would copy them (and zero-fill in backward).
+        targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets, ignore_index=-100)
 
     def _attention_inputs(
         self, positions: Tensor, mask: Tensor | None, cache: HybridCache | None, dtype: torch.dtype

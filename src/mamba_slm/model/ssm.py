@@ -1,7 +1,7 @@
 """Mamba mixers: Mamba-2 (SSD, the default) and Mamba-1 (selective scan).
 
 Each mixer has the three paths of state-spaces/mamba side by side:
-  * `forward` on a whole sequence: the chunked parallel scan (`scan.py`), optionally starting
+  * `forward` on a whole sequence: the chunked parallel scan (`ssd.py`, `selective_scan.py`), optionally starting
     from a cached state (a prefill continues where the cache left off) and writing the final
     conv and SSM state back to it;
   * `step` on one token: the recurrence, updating the cached state in place;
@@ -24,14 +24,9 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from .cache import MambaState
-from .scan import (
-    selective_scan_chunked,
-    selective_scan_reference,
-    selective_scan_step,
-    ssd_chunked,
-    ssd_reference,
-    ssd_step,
-)
+from .fused import conv_silu, gated_rms_norm
+from .selective_scan import selective_scan_chunked, selective_scan_reference, selective_scan_step
+from .ssd import ssd_chunked, ssd_reference, ssd_step
 
 
 def _cuda_kernels():
@@ -54,17 +49,25 @@ def cuda_kernels():
     return _KERNELS
 
 
-def causal_conv(x: Tensor, conv: nn.Conv1d, state: MambaState | None) -> Tensor:
-    """Depthwise causal conv over time. x: (b, l, c) -> (b, l, c); the cached window is prepended."""
-    k = conv.kernel_size[0]
-    xt = x.transpose(1, 2)  # (b, c, l)
+def causal_conv_silu(x: Tensor, conv: nn.Conv1d, state: MambaState | None) -> Tensor:
+    """silu(depthwise causal conv over time). x: (b, l, c) -> (b, l, c).
+
+    With a cached state, its window is prepended and the state advanced; the conv is written as
+    d_conv shifted multiply-adds in (b, l, c) layout, 3x faster than F.conv1d on a CPU.
+    """
+    weight = conv.weight[:, 0].to(x.dtype)  # (c, k)
+    bias = conv.bias.to(x.dtype) if conv.bias is not None else None
     if state is None:
-        out = F.conv1d(xt, conv.weight, conv.bias, padding=k - 1, groups=xt.shape[1])[..., : x.shape[1]]
-    else:
-        window = torch.cat([state.conv.transpose(1, 2).to(x.dtype), xt], dim=2)  # (b, c, k-1+l)
-        out = F.conv1d(window, conv.weight, conv.bias, groups=xt.shape[1])
-        state.conv = window[..., -(k - 1) :].transpose(1, 2).contiguous()
-    return out.transpose(1, 2)
+        return conv_silu(x, weight, bias)
+    k, seqlen = weight.shape[1], x.shape[1]
+    padded = torch.cat([state.conv.to(x.dtype), x], dim=1)  # (b, k-1+l, c)
+    state.conv = padded[:, seqlen:].clone()
+    out = padded[:, k - 1 :] * weight[:, k - 1]
+    if bias is not None:
+        out += bias
+    for i in range(k - 1):
+        out.addcmul_(padded[:, i : i + seqlen], weight[:, i])
+    return F.silu(out)
 
 
 def causal_conv_step(x: Tensor, conv: nn.Conv1d, state: MambaState) -> Tensor:
@@ -93,10 +96,7 @@ class GatedRMSNorm(nn.Module):
         self.n_groups, self.eps = n_groups, eps
 
     def forward(self, y: Tensor, z: Tensor) -> Tensor:
-        y = y * F.silu(z)
-        shape = y.shape
-        y = F.rms_norm(y.view(*shape[:-1], self.n_groups, -1), (shape[-1] // self.n_groups,), eps=self.eps)
-        return y.view(shape) * self.weight
+        return gated_rms_norm(y, z, self.weight, self.n_groups, self.eps)
 
 
 class Mamba2Mixer(nn.Module):
@@ -141,7 +141,7 @@ class Mamba2Mixer(nn.Module):
             return self._forward_cuda(z, xBC, dt, A, kernels)
         if mask is not None:
             xBC = xBC * mask[..., None].to(xBC.dtype)
-        xBC = F.silu(causal_conv(xBC, self.conv1d, state))
+        xBC = causal_conv_silu(xBC, self.conv1d, state)
         if mask is not None:
             xBC = xBC * mask[..., None].to(xBC.dtype)
         x, B, C = torch.split(
@@ -160,7 +160,7 @@ class Mamba2Mixer(nn.Module):
             y, final = ssd_chunked(x, dt, A, B, C, self.chunk_size, initial)
         if state is not None:
             state.ssm = final.to(state.ssm.dtype)
-        y = y + x * self.D[:, None].to(x.dtype)
+        y = torch.addcmul(y, x, self.D[:, None].to(x.dtype))
         y = self.norm(y.reshape(b, seqlen, self.d_inner), z)
         return self.out_proj(y)
 
@@ -247,7 +247,7 @@ class Mamba1Mixer(nn.Module):
         x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (b, l, d_inner) each
         if mask is not None:
             x = x * mask[..., None].to(x.dtype)
-        x = F.silu(causal_conv(x, self.conv1d, state))
+        x = causal_conv_silu(x, self.conv1d, state)
         if mask is not None:
             x = x * mask[..., None].to(x.dtype)
         dt, B, C = self._ssm_inputs(x)  # (b, l, d_inner), (b, l, n), (b, l, n)
