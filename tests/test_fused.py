@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mamba_slm.model.fused import conv_silu, gated_rms_norm
+from mamba_slm.model.fused import conv_silu, gated_rms_norm, linear_cross_entropy, swiglu
 
 
 def _plain_conv_silu(x, weight, bias):
@@ -44,3 +44,26 @@ def test_gated_rms_norm_matches_autograd(n_groups):
         return u.view(2, 5, 8) * weight
 
     _compare(lambda y, z, w: gated_rms_norm(y, z, w, n_groups, 1e-5), ref, [y, z, weight])
+
+
+def test_swiglu_matches_autograd():
+    gate = torch.randn(3, 7, 10, requires_grad=True)
+    up = torch.randn(3, 7, 10, requires_grad=True)
+    _compare(swiglu, lambda g, u: F.silu(g) * u, [gate, up])
+
+
+@pytest.mark.parametrize("chunk_rows", [3, 64])
+def test_linear_cross_entropy_matches_unfused(chunk_rows):
+    hidden = torch.randn(10, 8, requires_grad=True)
+    weight = torch.randn(20, 8, requires_grad=True)
+    targets = torch.randint(0, 20, (10,))
+    targets[[2, 7]] = -100
+    loss = linear_cross_entropy(hidden, weight, targets, chunk_rows)
+    expected = F.cross_entropy(hidden @ weight.t(), targets, ignore_index=-100)
+    torch.testing.assert_close(loss, expected)
+    grads = torch.autograd.grad(loss * 3, [hidden, weight])
+    ref = torch.autograd.grad(expected * 3, [hidden, weight])
+    for got, want in zip(grads, ref, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets, chunk_rows), expected)

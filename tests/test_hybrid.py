@@ -161,3 +161,23 @@ def test_training_reduces_loss():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_loss_without_logits_matches_and_trains_the_same():
+    model = tiny().train()
+    ids = torch.randint(1, 256, (2, 20))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+
+    def grads(return_logits):
+        model.zero_grad()
+        out = model(ids, attention_mask=mask, labels=ids, return_logits=return_logits)
+        out.loss.backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    full, full_grads = grads(True)
+    fused, fused_grads = grads(False)
+    assert fused.logits is None
+    torch.testing.assert_close(fused.loss, full.loss)
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)

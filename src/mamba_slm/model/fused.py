@@ -1,10 +1,10 @@
-"""Two memory-bound ops of the Mamba-2 layer with hand-written backward passes.
+"""Memory-bound ops with hand-written backward passes: conv+SiLU, gated RMSNorm, SwiGLU.
 
 Why: under autograd, the causal depthwise conv (written as shifted multiply-adds) zero-fills a
-full-size gradient for every shifted slice, and the gated RMSNorm keeps four (L x d_inner)
-tensors alive. Each Function below saves only its inputs and does its backward in a few passes,
-which cut a CPU training step by about a tenth and its activation memory by about a third.
-Both are checked against plain autograd in tests/test_fused.py.
+full-size gradient for every shifted slice, the gated RMSNorm keeps four (L x d_inner) tensors
+alive and SwiGLU keeps three. Each Function below saves only its inputs and does its backward
+in a few passes (recomputing the cheap activations), which cuts a CPU training step's time and
+its activation memory. All are checked against plain autograd in tests/test_fused.py.
 """
 
 from __future__ import annotations
@@ -97,3 +97,81 @@ def gated_rms_norm(y: Tensor, z: Tensor, weight: Tensor, n_groups: int = 1, eps:
     if torch.is_grad_enabled() and (y.requires_grad or z.requires_grad or weight.requires_grad):
         return _GatedRMSNorm.apply(y, z, weight, n_groups, eps)
     return _gated_rms_norm(y, z, weight, n_groups, eps)
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate).mul_(up)
+
+    @staticmethod
+    def backward(ctx, dout):
+        gate, up = ctx.saved_tensors
+        sig = torch.sigmoid(gate)
+        dup = dout * gate * sig  # dout * silu(gate)
+        dgate = (dout * up).mul_(sig).mul_(1 + gate * (1 - sig))
+        return dgate, dup
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """silu(gate) * up."""
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return _SwiGLU.apply(gate, up)
+    return F.silu(gate).mul_(up)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of (hidden @ weight^T) against targets, in chunks of rows.
+
+    The gradients are computed during the forward pass, chunk by chunk, so the (N x vocab)
+    logits, their log-softmax and their gradient never exist at once (the LM head's three
+    largest tensors in training); the FLOPs are the same as unfused forward + backward.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_rows):
+        valid_all = targets != -100
+        n_valid = valid_all.sum().clamp_min(1)
+        want_w = weight.requires_grad
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk_rows):
+            h = hidden[start : start + chunk_rows]
+            t = targets[start : start + chunk_rows]
+            valid = valid_all[start : start + chunk_rows]
+            logits = (h @ weight.t()).float()  # (rows, vocab)
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, t.clamp_min(0)[:, None])[:, 0]
+            total += ((lse - picked) * valid).sum()
+            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            probs[torch.arange(len(t), device=t.device), t.clamp_min(0)] -= 1.0
+            probs.mul_((valid.float() / n_valid)[:, None])  # d(mean loss)/d(logits)
+            probs = probs.to(hidden.dtype)
+            grad_hidden[start : start + chunk_rows] = probs @ weight
+            if want_w:
+                grad_weight.addmm_(probs.t().float(), h.float())
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        gw = (grad_weight * grad_loss).to(grad_hidden.dtype) if grad_weight is not None else None
+        return grad_hidden * grad_loss.to(grad_hidden.dtype), gw, None, None
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int = 1024) -> Tensor:
+    """Mean next-token loss of `hidden @ weight.T` (rows with target -100 ignored), without logits.
+
+    hidden: (N, d), weight: (vocab, d), targets: (N,)."""
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows)
+    losses = [
+        F.cross_entropy(
+            (hidden[s : s + chunk_rows] @ weight.t()).float(), targets[s : s + chunk_rows], reduction="sum"
+        )
+        for s in range(0, hidden.shape[0], chunk_rows)
+    ]
+    return torch.stack(losses).sum() / (targets != -100).sum().clamp_min(1)

@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import ModelConfig
 from .attention import Attention, AttentionInputs, build_attention_inputs, rope_inv_freq
 from .cache import HybridCache
+from .fused import linear_cross_entropy, swiglu
 from .ssm import Mamba1Mixer, Mamba2Mixer
 
 
@@ -50,7 +51,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(d_intermediate, d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class Block(nn.Module):
@@ -83,7 +84,7 @@ class Block(nn.Module):
 
 @dataclass
 class CausalLMOutput:
-    logits: Tensor  # (b, l, vocab) or (b, num_logits_to_keep, vocab)
+    logits: Tensor | None  # (b, l, vocab) or (b, num_logits_to_keep, vocab); None with return_logits=False
     loss: Tensor | None = None
     cache: HybridCache | None = None
 
@@ -124,9 +125,12 @@ class HybridLM(nn.Module):
         labels: Tensor | None = None,
         cache: HybridCache | None = None,
         num_logits_to_keep: int = 0,
+        return_logits: bool = True,
     ) -> CausalLMOutput:
         """input_ids: (b, l). attention_mask: (b, l), 1 for real tokens, 0 for (left) padding; it
-        covers the new tokens only, the cache remembers earlier ones. labels: (b, l), -100 ignored."""
+        covers the new tokens only, the cache remembers earlier ones. labels: (b, l), -100 ignored.
+        With labels and return_logits=False (training), the loss is computed in chunks without
+        materialising the logits (out.logits is None), saving the LM head's largest tensors."""
         b, seqlen = input_ids.shape
         mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
@@ -148,6 +152,10 @@ class HybridLM(nn.Module):
         if cache is not None:
             cache.end(seqlen)
         hidden = self.norm(hidden)
+        if labels is not None and not return_logits:
+            targets = self.shift_labels(labels, mask).reshape(-1)
+            loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets)
+            return CausalLMOutput(logits=None, loss=loss, cache=cache)
         if num_logits_to_keep:
             hidden = hidden[:, -num_logits_to_keep:]
         logits = self.lm_head(hidden)
@@ -157,13 +165,18 @@ class HybridLM(nn.Module):
         return CausalLMOutput(logits=logits, loss=loss, cache=cache)
 
     @staticmethod
-    def loss(logits: Tensor, labels: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Next-token cross-entropy (fp32); padding and -100 labels are ignored."""
+    def shift_labels(labels: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Targets aligned with the logits: position t predicts labels[t+1]; -100 where ignored."""
         if mask is not None:  # no loss on padding, nor on predicting from a padding position
             labels = labels.masked_fill(~mask, -100)
             labels = labels.masked_fill(~F.pad(mask[:, :-1], (1, 0), value=True), -100)
+        return F.pad(labels[:, 1:], (0, 1), value=-100)
+
+    @classmethod
+    def loss(cls, logits: Tensor, labels: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Next-token cross-entropy (fp32); padding and -100 labels are ignored."""
         # Shift the labels, not the logits: slicing the logits would copy them (and zero-fill in backward).
-        targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
+        targets = cls.shift_labels(labels, mask).reshape(-1)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets, ignore_index=-100)
 
     def _attention_inputs(

@@ -169,7 +169,27 @@ class _SSDFunction(torch.autograd.Function):
         c = xc.shape[1]
         dy = F.pad(dy, (0, 0, 0, 0, 0, c * q - seqlen)).view(b, c, q, h, p).to(x.dtype)
         dfinal = _to_group_layout(dfinal, g) if dfinal is not None else x.new_zeros(b, g, n, h // g, p)
-        dx, ddt, dA, dB, dC, dh0 = _backward(xc, dtc, Bg, Cg, cum, A, h0g, dy, dfinal)
+        # Two rows at a time: the backward's temporaries are several (L x d_inner) tensors, and
+        # slicing the batch bounds them without changing any result.
+        parts = []
+        for rows in torch.split(torch.arange(b, device=x.device), 2):
+            r = slice(int(rows[0]), int(rows[-1]) + 1)
+            parts.append(
+                _backward(
+                    xc[r],
+                    dtc[r],
+                    Bg[r],
+                    Cg[r],
+                    cum[r],
+                    A,
+                    h0g[r] if h0g is not None else None,
+                    dy[r],
+                    dfinal[r],
+                )
+            )
+        dx, ddt, dB, dC = (torch.cat([part[i] for part in parts]) for i in (0, 1, 3, 4))
+        dA = torch.stack([part[2] for part in parts]).sum(0)
+        dh0 = torch.cat([part[5] for part in parts]) if h0g is not None else None
         dx = dx.reshape(b, c * q, h, p)[:, :seqlen]
         ddt = ddt.reshape(b, c * q, h)[:, :seqlen].to(dt.dtype)
         dB = dB.transpose(2, 3).reshape(b, c * q, g, n)[:, :seqlen]
