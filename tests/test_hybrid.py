@@ -181,3 +181,20 @@ def test_loss_without_logits_matches_and_trains_the_same():
     torch.testing.assert_close(fused.loss, full.loss)
     for name, grad in full_grads.items():
         torch.testing.assert_close(fused_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("return_logits", [True, False])
+def test_bf16_autocast_training_on_cpu(return_logits):
+    model = tiny().train()
+    ids = torch.randint(0, 256, (4, 8)).repeat(1, 4)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(ids, labels=ids, return_logits=return_logits).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert losses[-1] < 0.6 * losses[0]

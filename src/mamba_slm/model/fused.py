@@ -9,9 +9,24 @@ its activation memory. All are checked against plain autograd in tests/test_fuse
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+def autocast_off(method):
+    """Run a Function's forward/backward in the dtypes it is given: autocast would otherwise
+    recast some ops inside it (and not others) and mix dtypes."""
+
+    @functools.wraps(method)
+    def wrapper(ctx, *args):
+        device = next(a.device.type for a in args if isinstance(a, Tensor))
+        with torch.autocast(device, enabled=False):
+            return method(ctx, *args)
+
+    return wrapper
 
 
 def _conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -28,11 +43,13 @@ def _conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 class _ConvSiLU(torch.autograd.Function):
     @staticmethod
+    @autocast_off
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight, bias)
         return F.silu(_conv(x, weight, bias))
 
     @staticmethod
+    @autocast_off
     def backward(ctx, dout):
         x, weight, bias = ctx.saved_tensors
         k, seqlen = weight.shape[1], x.shape[1]
@@ -60,12 +77,14 @@ def conv_silu(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 class _GatedRMSNorm(torch.autograd.Function):
     @staticmethod
+    @autocast_off
     def forward(ctx, y, z, weight, n_groups, eps):
         ctx.save_for_backward(y, z, weight)
         ctx.n_groups, ctx.eps = n_groups, eps
         return _gated_rms_norm(y, z, weight, n_groups, eps)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, dout):
         y, z, weight = ctx.saved_tensors
         groups, eps = ctx.n_groups, ctx.eps
@@ -74,9 +93,9 @@ class _GatedRMSNorm(torch.autograd.Function):
         s = z * sig  # silu(z)
         u = (y * s).view(*shape[:-1], groups, -1)  # (..., g, d/g)
         r = torch.rsqrt(u.square().mean(-1, keepdim=True) + eps)
-        dn = (dout * weight).view_as(u)  # grad of the normalised u
+        dn = (dout * weight.to(dout.dtype)).view_as(u)  # grad of the normalised u
         du = r * dn - u * (r**3 * (dn * u).mean(-1, keepdim=True))
-        dweight = (dout * (u * r).view(shape)).reshape(-1, shape[-1]).sum(0)
+        dweight = (dout.float() * (u * r).view(shape).float()).reshape(-1, shape[-1]).sum(0)
         du = du.view(shape)
         dy = du * s
         dz = du * y * sig * (1 + z * (1 - sig))
@@ -85,6 +104,7 @@ class _GatedRMSNorm(torch.autograd.Function):
 
 def _gated_rms_norm(y: Tensor, z: Tensor, weight: Tensor, n_groups: int, eps: float) -> Tensor:
     u = y * F.silu(z)
+    weight = weight.to(u.dtype)
     if n_groups == 1:
         return F.rms_norm(u, weight.shape, weight, eps)
     shape = u.shape
@@ -101,11 +121,13 @@ def gated_rms_norm(y: Tensor, z: Tensor, weight: Tensor, n_groups: int = 1, eps:
 
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
+    @autocast_off
     def forward(ctx, gate, up):
         ctx.save_for_backward(gate, up)
         return F.silu(gate).mul_(up)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, dout):
         gate, up = ctx.saved_tensors
         sig = torch.sigmoid(gate)
@@ -130,6 +152,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
+    @autocast_off
     def forward(ctx, hidden, weight, targets, chunk_rows):
         valid_all = targets != -100
         n_valid = valid_all.sum().clamp_min(1)
@@ -137,11 +160,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
         total = hidden.new_zeros((), dtype=torch.float32)
+        w = weight.to(hidden.dtype)
         for start in range(0, hidden.shape[0], chunk_rows):
             h = hidden[start : start + chunk_rows]
             t = targets[start : start + chunk_rows]
             valid = valid_all[start : start + chunk_rows]
-            logits = (h @ weight.t()).float()  # (rows, vocab)
+            logits = (h @ w.t()).float()  # (rows, vocab)
             lse = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, t.clamp_min(0)[:, None])[:, 0]
             total += ((lse - picked) * valid).sum()
@@ -149,16 +173,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
             probs[torch.arange(len(t), device=t.device), t.clamp_min(0)] -= 1.0
             probs.mul_((valid.float() / n_valid)[:, None])  # d(mean loss)/d(logits)
             probs = probs.to(hidden.dtype)
-            grad_hidden[start : start + chunk_rows] = probs @ weight
+            grad_hidden[start : start + chunk_rows] = probs @ w
             if want_w:
                 grad_weight.addmm_(probs.t().float(), h.float())
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total / n_valid
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
-        gw = (grad_weight * grad_loss).to(grad_hidden.dtype) if grad_weight is not None else None
+        gw = grad_weight * grad_loss.float() if grad_weight is not None else None
         return grad_hidden * grad_loss.to(grad_hidden.dtype), gw, None, None
 
 

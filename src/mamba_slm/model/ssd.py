@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .fused import autocast_off
+
 
 def _chunk(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, q: int):
     """Pad to a multiple of q (dt = 0 on padding: no decay, no input); views by chunk, token-major."""
@@ -148,6 +150,7 @@ def _from_group_layout(state: Tensor) -> Tensor:
 
 class _SSDFunction(torch.autograd.Function):
     @staticmethod
+    @autocast_off
     def forward(ctx, x, dt, A, B, C, h0, chunk_size):
         seqlen, g = x.shape[1], B.shape[2]
         h0g = _to_group_layout(h0, g) if h0 is not None else None
@@ -159,6 +162,7 @@ class _SSDFunction(torch.autograd.Function):
         return y.view(b, c * q, h, p)[:, :seqlen], _from_group_layout(final)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, dy, dfinal):
         x, dt, A, B, C, h0 = ctx.saved_tensors
         b, seqlen, h, p = x.shape
@@ -172,8 +176,8 @@ class _SSDFunction(torch.autograd.Function):
         # Two rows at a time: the backward's temporaries are several (L x d_inner) tensors, and
         # slicing the batch bounds them without changing any result.
         parts = []
-        for rows in torch.split(torch.arange(b, device=x.device), 2):
-            r = slice(int(rows[0]), int(rows[-1]) + 1)
+        for start in range(0, b, 2):
+            r = slice(start, start + 2)
             parts.append(
                 _backward(
                     xc[r],
