@@ -28,25 +28,26 @@ from .fused import conv_silu, gated_rms_norm
 from .selective_scan import selective_scan_chunked, selective_scan_reference, selective_scan_step
 from .ssd import ssd_chunked, ssd_reference, ssd_step
 
-
-def _cuda_kernels():
-    """(causal_conv1d_fn, mamba_chunk_scan_combined) when installed, else None."""
-    try:
-        from causal_conv1d import causal_conv1d_fn
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-    except ImportError:
-        return None
-    return causal_conv1d_fn, mamba_chunk_scan_combined
-
-
 _KERNELS: tuple | None | bool = False  # False: not looked up yet
 
 
 def cuda_kernels():
+    """(causal_conv1d_fn, mamba_chunk_scan_combined) when mamba_ssm and causal_conv1d are installed."""
     global _KERNELS
     if _KERNELS is False:
-        _KERNELS = _cuda_kernels()
+        try:
+            from causal_conv1d import causal_conv1d_fn
+            from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+            _KERNELS = (causal_conv1d_fn, mamba_chunk_scan_combined)
+        except ImportError:
+            _KERNELS = None
     return _KERNELS
+
+
+def kernels_for(hidden: Tensor, state: MambaState | None, mask: Tensor | None):
+    """The fused CUDA kernels cover the training path only: CUDA, no cache, no padding."""
+    return cuda_kernels() if hidden.is_cuda and state is None and mask is None else None
 
 
 def causal_conv_silu(x: Tensor, conv: nn.Conv1d, state: MambaState | None) -> Tensor:
@@ -136,7 +137,7 @@ class Mamba2Mixer(nn.Module):
         b, seqlen, _ = hidden.shape
         z, xBC, dt = self._split(self.in_proj(hidden))  # (b, l, d_inner), (b, l, conv_dim), (b, l, h)
         A = -torch.exp(self.A_log.float())  # (h,)
-        kernels = cuda_kernels() if hidden.is_cuda and state is None and mask is None else None
+        kernels = kernels_for(hidden, state, mask)
         if kernels is not None and self.scan_impl == "chunked":
             return self._forward_cuda(z, xBC, dt, A, kernels)
         if mask is not None:
