@@ -61,12 +61,16 @@ def _intermediates(xc, dtc, Bg, Cg, cum, h0):
     ST = torch.matmul(Bg.transpose(-1, -2), Ug)  # (b, c, g, n, hg*p): each chunk's own state
 
     decay = torch.exp(cum[:, :, -1]).to(dtype).view(b, c, g, 1, hg, 1)  # whole-chunk decay per head
-    Hin = torch.empty(b, c, g, n, hg, p, dtype=dtype, device=xc.device)  # state entering each chunk
-    state = xc.new_zeros(b, g, n, hg, p) if h0 is None else h0.to(dtype)
+    states = torch.empty(b, c + 1, g, n, hg, p, dtype=dtype, device=xc.device)  # entering each chunk, final
+    if h0 is None:
+        states[:, 0].zero_()
+    else:
+        states[:, 0] = h0
+    ST = ST.view(b, c, g, n, hg, p)
     for k in range(c):
-        Hin[:, k] = state
-        state = torch.addcmul(ST[:, k].view(b, g, n, hg, p), state, decay[:, k])
-    Hin = Hin.view(b, c, g, n, hg * p)
+        torch.addcmul(ST[:, k], states[:, k], decay[:, k], out=states[:, k + 1])
+    state = states[:, c]
+    Hin = states[:, :c].reshape(b, c, g, n, hg * p)
     Yo = torch.matmul(Cg, Hin).view(b, c, g, q, hg, p).transpose(2, 3).reshape(b, c, q, h, p)
     E = torch.exp(cum).to(dtype)  # (b, c, q, h)
     return state, (Xd, Lm, G, M, Xh, w, Ug, decay, Hin, E, Yo)
@@ -95,16 +99,15 @@ def _backward(xc, dtc, Bg, Cg, cum, A, h0, dy, dfinal):
     del dYo
 
     # the chunk recurrence, backwards: state_{k+1} = decay_k * state_k + ST_k
-    grad = dfinal.to(Hin.dtype)  # (b, g, n, hg, p)
     Hin6 = Hin.view(b, c, g, n, hg, p)
-    dST = torch.empty_like(Hin6)
-    ddecay = torch.empty(b, c, g, hg, dtype=Hin.dtype, device=Hin.device)
+    grads = torch.empty(b, c + 1, g, n, hg, p, dtype=Hin.dtype, device=Hin.device)  # grads[k+1] = dST[k]
+    grads[:, c] = dfinal
     for k in reversed(range(c)):
-        dST[:, k] = grad
-        ddecay[:, k] = (grad * Hin6[:, k]).sum((2, 4))
-        grad = torch.addcmul(dHin[:, k], grad, decay[:, k])
-    dh0 = grad if h0 is not None else None
-    dST = dST.view(b, c, g, n, hg * p)
+        torch.addcmul(dHin[:, k], grads[:, k + 1], decay[:, k], out=grads[:, k])
+    dST = grads[:, 1:]
+    ddecay = (dST * Hin6).sum((3, 5))  # (b, c, g, hg)
+    dh0 = grads[:, 0] if h0 is not None else None
+    dST = dST.reshape(b, c, g, n, hg * p)
     dcum_last = ddecay.view(b, c, h).float() * decay.view(b, c, h).float()
 
     # ST = B^T U,  U = Xd * w
