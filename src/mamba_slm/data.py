@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from glob import glob
 from pathlib import Path
@@ -214,3 +215,44 @@ def _load_hub(spec: DataSpec):
     if spec.text_field not in (train.column_names or [spec.text_field]):
         raise DataError(f"{spec.dataset}: no field {spec.text_field!r} (fields: {train.column_names})")
     return train, validation
+
+
+def pack_token_blocks(documents: Iterable[list[int]], block_size: int, eos_id: int) -> Iterator[list[int]]:
+    """Concatenate documents (each followed by EOS) and cut blocks of block_size + 1 tokens that
+    overlap by one: a model fed block[:-1] predicts block[1:], so every token but the first is a
+    target exactly once and none is lost at a boundary. The last block may be shorter."""
+    buffer: list[int] = []
+    for ids in documents:
+        buffer.extend(ids)
+        buffer.append(eos_id)
+        start = 0
+        while len(buffer) - start >= block_size + 1:
+            yield buffer[start : start + block_size + 1]
+            start += block_size
+        del buffer[:start]
+    if len(buffer) > 1:
+        yield buffer
+
+
+def tokenize_and_pack(split, tokenizer, block_size: int, num_proc: int | None = None):
+    """A `datasets.Dataset` of packed `input_ids` blocks, in corpus order (deterministic)."""
+    import datasets
+
+    if tokenizer.eos_token_id is None:
+        raise DataError("tokenizer: it has no EOS token, which separates packed documents")
+    tokenized = split.map(
+        lambda batch: {"ids": tokenizer(batch["text"], add_special_tokens=False)["input_ids"]},
+        batched=True,
+        remove_columns=split.column_names,
+        num_proc=num_proc,
+        desc="tokenizing",
+    )
+
+    def documents() -> Iterator[list[int]]:
+        for start in range(0, len(tokenized), 1000):
+            yield from tokenized[start : start + 1000]["ids"]
+
+    blocks = list(pack_token_blocks(documents(), block_size, tokenizer.eos_token_id))
+    if not blocks:
+        raise DataError("corpus: no tokens to train on after tokenization")
+    return datasets.Dataset.from_dict({"input_ids": blocks})
