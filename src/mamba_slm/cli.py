@@ -13,9 +13,11 @@ from collections.abc import Callable
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .data import DataError, DataSpec, load_corpus
-from .tokenizer import TokenizerError, train_tokenizer
+from .tokenizer import TokenizerError, load_tokenizer, train_tokenizer
 
 USER_ERRORS = (DataError, TokenizerError, ConfigError, CheckpointError)
+MODEL_FIELDS = ("d_model", "n_layers", "layer_pattern", "attn_ratio", "mixer", "d_state", "head_dim", "n_heads",
+                "n_kv_heads", "d_intermediate", "chunk_size", "pos_encoding", "sliding_window")  # fmt: skip
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
@@ -68,6 +70,49 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    import torch
+
+    from .config import ModelConfig
+    from .data import tokenize_and_pack
+    from .train import TrainArgs, Trainer, TrainError, build_model
+
+    try:
+        tokenizer = load_tokenizer(args.tokenizer)
+        corpus = load_corpus(data_spec(args))
+        overrides = {f: getattr(args, f) for f in MODEL_FIELDS if getattr(args, f) is not None}
+        config = ModelConfig.from_preset(args.preset, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                                         bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                         max_position_embeddings=max(2048, args.block_size), **overrides)  # fmt: skip
+        torch.manual_seed(args.seed)  # the initial weights are part of what --seed fixes
+        model = build_model(config, args.init_from)
+        if model.config.vocab_size < len(tokenizer):
+            raise TrainError(
+                f"--tokenizer: {len(tokenizer)} tokens, but the model's vocabulary has {model.config.vocab_size}"
+            )
+        train_blocks = tokenize_and_pack(corpus["train"], tokenizer, args.block_size)["input_ids"]
+        val_blocks = tokenize_and_pack(corpus["validation"], tokenizer, args.block_size)["input_ids"]
+        train_args = TrainArgs(
+            output_dir=args.output_dir, max_steps=args.max_steps, num_train_epochs=args.num_train_epochs,
+            batch_size=args.batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
+            learning_rate=args.learning_rate, warmup_steps=args.warmup_steps, mixed_precision=args.mixed_precision,
+            gradient_checkpointing=args.gradient_checkpointing, logging_steps=args.logging_steps,
+            eval_steps=args.eval_steps, early_stopping_patience=args.early_stopping_patience,
+            save_steps=args.save_steps, save_total_limit=args.save_total_limit, seed=args.seed, resume=args.resume,
+            compile=args.compile,
+        )  # fmt: skip
+        trainer = Trainer(model, train_blocks, val_blocks, train_args, tokenizer.pad_token_id, tokenizer)
+        print(f"model: {model.num_parameters():,} parameters, layers {model.config.layer_pattern}; "
+              f"{len(train_blocks):,} training blocks of {args.block_size} tokens")  # fmt: skip
+        result = trainer.train()
+    except TrainError as e:
+        raise DataError(str(e)) from None
+    best = result["best_val_loss"]
+    print(
+        f"done at step {result['step']}" + (f"; best validation loss {best:.4f}" if best is not None else "")
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mamba-slm", description="Hybrid Mamba-Transformer small language models."
@@ -86,6 +131,42 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--vocab-size", type=int, default=8192)
     train.add_argument("--output-dir", required=True)
     train.set_defaults(func=cmd_tokenizer_train)
+
+    tr = commands.add_parser("train", help="pre-train a hybrid model")
+    add_data_args(tr)
+    tr.add_argument("--tokenizer", required=True, help="trained tokenizer directory or hub id")
+    tr.add_argument("--output-dir", required=True)
+    tr.add_argument("--preset", default="small", help="tiny | small | base")
+    tr.add_argument("--init-from", help="continue from this model directory")
+    for field in MODEL_FIELDS:
+        kind = (
+            float
+            if field == "attn_ratio"
+            else (str if field in ("layer_pattern", "mixer", "pos_encoding") else int)
+        )
+        tr.add_argument("--" + field.replace("_", "-"), type=kind, help="override the preset")
+    tr.add_argument("--block-size", type=int, default=256)
+    tr.add_argument("--batch-size", type=int, default=8)
+    tr.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    tr.add_argument("--learning-rate", type=float, default=5e-4)
+    tr.add_argument("--warmup-steps", type=int, default=50)
+    tr.add_argument("--max-steps", type=int)
+    tr.add_argument("--num-train-epochs", type=float, default=1.0)
+    precision = tr.add_mutually_exclusive_group()
+    precision.add_argument("--bf16", dest="mixed_precision", action="store_const", const="bf16")
+    precision.add_argument("--fp16", dest="mixed_precision", action="store_const", const="fp16")
+    tr.set_defaults(mixed_precision="no")
+    tr.add_argument("--gradient-checkpointing", action="store_true")
+    tr.add_argument("--logging-steps", type=int, default=10)
+    tr.add_argument("--eval-steps", type=int, default=200)
+    tr.add_argument("--early-stopping-patience", type=int)
+    tr.add_argument("--save-steps", type=int, default=500)
+    tr.add_argument("--save-total-limit", type=int, default=2)
+    tr.add_argument(
+        "--resume", action="store_true", help="continue from the latest checkpoint in --output-dir"
+    )
+    tr.add_argument("--compile", action="store_true", help="torch.compile the model (opt-in)")
+    tr.set_defaults(func=cmd_train)
     return parser
 
 

@@ -1,0 +1,147 @@
+"""The training loop: learning, bf16, accumulation, exact resume after kill -9, clear errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from mamba_slm import HybridLM, ModelConfig
+from mamba_slm.train import TrainArgs, Trainer, TrainError, lr_factor
+
+TEXT = "\n\n".join(
+    f"The king said {i} times that the queen was fair and the night was long." for i in range(300)
+)
+
+
+def blocks(n=40, length=33, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pattern = torch.randint(1, 256, (8,), generator=g)
+    return [pattern.repeat(5)[i % 8 : i % 8 + length].tolist() for i in range(n)]
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return HybridLM(ModelConfig.from_preset("tiny"))
+
+
+def args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path), max_steps=12, batch_size=4, learning_rate=3e-3, warmup_steps=2,
+                logging_steps=4, eval_steps=6, save_steps=0, show_progress=False)  # fmt: skip
+    base.update(kw)
+    return TrainArgs(**base)
+
+
+def test_validation_loss_falls_and_outputs_written(tmp_path):
+    trainer = Trainer(tiny_model(), blocks(), blocks(8, seed=0), args(tmp_path, max_steps=20))
+    before = trainer.evaluate()
+    result = trainer.train()
+    vals = [e["val_loss"] for e in result["log"] if "val_loss" in e]
+    assert vals[-1] < 0.5 * before and vals[-1] <= vals[0]
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "training_args.json",
+        "training_log.jsonl",
+        "loss_curve.png",
+    ):
+        assert (tmp_path / name).exists(), name
+    assert json.loads((tmp_path / "training_args.json").read_text())["max_steps"] == 20
+
+
+def test_bf16_on_cpu_learns(tmp_path):
+    result = Trainer(tiny_model(), blocks(), blocks(8), args(tmp_path, mixed_precision="bf16")).train()
+    losses = [e["loss"] for e in result["log"] if "loss" in e]
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
+    one = Trainer(tiny_model(), blocks(), [], args(tmp_path / "a", max_steps=2, batch_size=4, eval_steps=0))
+    one.train()
+    two = Trainer(tiny_model(), blocks(), [], args(tmp_path / "b", max_steps=2, batch_size=2,
+                                                  gradient_accumulation_steps=2, eval_steps=0))  # fmt: skip
+    two.train()
+    for (name, p), q in zip(one.core.named_parameters(), two.core.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_lr_schedule_warms_up_then_decays():
+    a = TrainArgs(output_dir="x", warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(0, a, 100) == pytest.approx(0.1) and lr_factor(9, a, 100) == pytest.approx(1.0)
+    assert lr_factor(100, a, 100) == pytest.approx(0.1)
+    assert lr_factor(50, a, 100) < lr_factor(20, a, 100)
+
+
+def _train_cmd(corpus, tok, out, *extra):
+    return [sys.executable, "-m", "mamba_slm", "train", "--dataset", str(corpus), "--tokenizer", str(tok),
+            "--preset", "tiny", "--output-dir", str(out), "--block-size", "64", "--batch-size", "4",
+            "--max-steps", "24", "--save-steps", "8", "--logging-steps", "4", "--eval-steps", "0",
+            "--warmup-steps", "4", "--learning-rate", "3e-3", *extra]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def corpus_and_tokenizer(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    (root / "corpus.txt").write_text(TEXT)
+    subprocess.run([sys.executable, "-m", "mamba_slm", "tokenizer", "train", "--dataset", str(root / "corpus.txt"),
+                    "--vocab-size", "300", "--output-dir", str(root / "tok")], check=True, capture_output=True)  # fmt: skip
+    return root / "corpus.txt", root / "tok"
+
+
+@pytest.mark.slow
+def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path, corpus_and_tokenizer):
+    corpus, tok = corpus_and_tokenizer
+    subprocess.run(_train_cmd(corpus, tok, tmp_path / "full"), check=True, capture_output=True)
+    proc = subprocess.Popen(
+        _train_cmd(corpus, tok, tmp_path / "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 120
+    while (
+        not (tmp_path / "killed" / "checkpoint-16").exists()
+        and proc.poll() is None
+        and time.time() < deadline
+    ):
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (tmp_path / "killed" / "checkpoint-16").exists() or (tmp_path / "killed" / "checkpoint-8").exists()
+    subprocess.run(_train_cmd(corpus, tok, tmp_path / "killed", "--resume"), check=True, capture_output=True)
+
+    def losses(run):
+        lines = (tmp_path / run / "training_log.jsonl").read_text().splitlines()
+        return {e["step"]: e["loss"] for e in map(json.loads, lines) if "loss" in e}
+
+    full, resumed = losses("full"), losses("killed")
+    assert sorted(full) == sorted(resumed) == [4, 8, 12, 16, 20, 24]
+    for step in full:
+        assert abs(full[step] - resumed[step]) < 1e-4, (step, full[step], resumed[step])
+    a, b = HybridLM.from_pretrained(tmp_path / "full"), HybridLM.from_pretrained(tmp_path / "killed")
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_errors(tmp_path, corpus_and_tokenizer):
+    corpus, tok = corpus_and_tokenizer
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(TrainError, match="cannot create the output directory"):
+        Trainer(tiny_model(), blocks(), [], args(blocker / "out"))
+    with pytest.raises(TrainError, match="fewer than one batch"):
+        Trainer(tiny_model(), blocks(2), [], args(tmp_path / "few"))
+    with pytest.raises(TrainError, match="no checkpoint-N"):
+        Trainer(tiny_model(), blocks(), [], args(tmp_path / "none", resume=True)).train()
+    Trainer(tiny_model(), blocks(), [], args(tmp_path / "c", max_steps=4, save_steps=2, eval_steps=0)).train()
+    (tmp_path / "c" / "checkpoint-4" / "optimizer.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(TrainError, match="checkpoint-4: corrupt checkpoint"):
+        Trainer(tiny_model(), blocks(), [], args(tmp_path / "c", max_steps=6, resume=True)).train()
+    # a model whose vocabulary is smaller than the tokenizer's
+    small = HybridLM(ModelConfig.from_preset("tiny", vocab_size=100))
+    small.save_pretrained(tmp_path / "small")
+    cmd = _train_cmd(corpus, tok, tmp_path / "mismatch", "--init-from", str(tmp_path / "small"))
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("mamba-slm: error: --tokenizer: 300 tokens")
