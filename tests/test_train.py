@@ -145,3 +145,35 @@ def test_errors(tmp_path, corpus_and_tokenizer):
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("mamba-slm: error: --tokenizer: 300 tokens")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_agree_on_the_weights(tmp_path, mode):
+    worker = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
+    port = "29517" if mode == "ddp" else "29518"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        port,
+        worker,
+        str(tmp_path),
+    ]
+    cmd += ["fsdp"] if mode == "fsdp" else []
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["world"] == ranks[1]["world"] == 2
+    assert ranks[0]["changed"] and ranks[0]["digest"] == ranks[1]["digest"]
+    assert ranks[0]["type"] == "DistributedType.MULTI_CPU"
+
+
+def test_fsdp_without_accelerators_is_a_clear_error(tmp_path):
+    with pytest.raises(TrainError, match="--fsdp: Accelerate shards with FSDP only across several GPUs"):
+        Trainer(tiny_model(), blocks(), [], args(tmp_path, fsdp=True))

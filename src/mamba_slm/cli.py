@@ -99,7 +99,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             gradient_checkpointing=args.gradient_checkpointing, logging_steps=args.logging_steps,
             eval_steps=args.eval_steps, early_stopping_patience=args.early_stopping_patience,
             save_steps=args.save_steps, save_total_limit=args.save_total_limit, seed=args.seed, resume=args.resume,
-            compile=args.compile,
+            compile=args.compile, fsdp=args.fsdp,
         )  # fmt: skip
         trainer = Trainer(model, train_blocks, val_blocks, train_args, tokenizer.pad_token_id, tokenizer)
         print(f"model: {model.num_parameters():,} parameters, layers {model.config.layer_pattern}; "
@@ -166,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue from the latest checkpoint in --output-dir"
     )
     tr.add_argument("--compile", action="store_true", help="torch.compile the model (opt-in)")
+    tr.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard the model across processes (under accelerate launch/torchrun)",
+    )
     tr.set_defaults(func=cmd_train)
     return parser
 

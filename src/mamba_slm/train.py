@@ -59,6 +59,7 @@ class TrainArgs:
     seed: int = 0
     resume: bool = False
     compile: bool = False
+    fsdp: bool = False  # shard parameters, gradients and optimizer state across processes
     show_progress: bool = True
 
 
@@ -105,15 +106,27 @@ class Trainer:
                  pad_id: int = 0, tokenizer: Any = None) -> None:  # fmt: skip
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
+        from accelerate.utils import DistributedType
 
         tune_cpu_allocator()
         AcceleratorState._reset_state()  # a process may run several trainers (mixed precision differs)
         self.args, self.tokenizer, self.pad_id = args, tokenizer, pad_id
         self.output_dir = Path(args.output_dir)
         self._check_output_dir()
+        plugin = None
+        if args.fsdp:
+            from accelerate.utils import FullyShardedDataParallelPlugin
+
+            plugin = FullyShardedDataParallelPlugin(use_orig_params=True)
         self.accelerator = Accelerator(
-            mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available()
+            mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available(), fsdp_plugin=plugin
         )
+        if args.fsdp and self.accelerator.distributed_type != DistributedType.FSDP:
+            raise TrainError(
+                f"--fsdp: Accelerate shards with FSDP only across several GPUs/accelerators, and this run is "
+                f"{self.accelerator.distributed_type.value} with {self.accelerator.num_processes} process(es); "
+                "drop --fsdp (DDP is used automatically under accelerate launch/torchrun)"
+            )
         torch.manual_seed(args.seed)
         if args.gradient_checkpointing:
             model.gradient_checkpointing_enable()
