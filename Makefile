@@ -27,10 +27,10 @@ test: lint
 
 bench: $(STAMP)
 	$(PY) benchmarks/model_speed.py --write docs/benchmarks.md
+	$(PY) benchmarks/train_speed.py --write docs/benchmarks.md
 
 demo: $(STAMP)
-	@echo "make demo arrives with the training issue (#3); see README.md."
-	@exit 1
+	$(PY) -m mamba_slm demo --output-dir runs/demo
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

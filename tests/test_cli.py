@@ -86,3 +86,15 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path):
 def test_help():
     result = run("--help")
     assert result.returncode == 0 and "tokenizer" in result.stdout
+
+
+def test_demo_end_to_end_on_a_small_corpus(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"ROMEO:\nShe speaks {i} times, yet she says nothing." for i in range(200)))
+    out = tmp_path / "demo"
+    args = ["demo", "--dataset", str(corpus), "--output-dir", str(out), "--preset", "tiny", "--vocab-size", "300",
+            "--max-steps", "30", "--batch-size", "8", "--eval-blocks", "10"]  # fmt: skip
+    assert main(args) == 0
+    report = (out / "report.md").read_text()
+    assert "held-out perplexity" in report and "## Samples" in report
+    assert (out / "model" / "model.safetensors").exists() and (out / "tokenizer" / "tokenizer.json").exists()

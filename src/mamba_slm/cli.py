@@ -113,6 +113,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import DemoArgs, run_demo
+
+    run_demo(DemoArgs(output_dir=args.output_dir, dataset=args.dataset, max_steps=args.max_steps,
+                      preset=args.preset, vocab_size=args.vocab_size, batch_size=args.batch_size,
+                      eval_blocks=args.eval_blocks))  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mamba-slm", description="Hybrid Mamba-Transformer small language models."
@@ -172,6 +180,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="shard the model across processes (under accelerate launch/torchrun)",
     )
     tr.set_defaults(func=cmd_train)
+
+    demo = commands.add_parser("demo", help="the whole workflow on the built-in corpus (make demo)")
+    demo.add_argument("--output-dir", default="runs/demo")
+    demo.add_argument("--dataset", default="shakespeare")
+    demo.add_argument("--preset", default="small")
+    demo.add_argument("--vocab-size", type=int, default=4096)
+    demo.add_argument("--batch-size", type=int, default=16)
+    demo.add_argument("--max-steps", type=int, default=260)
+    demo.add_argument("--eval-blocks", type=int, default=200)
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -280,6 +280,21 @@ class Trainer:
         if self.accelerator.is_main_process:
             with open(self.output_dir / "training_log.jsonl", "a") as f:
                 f.write(json.dumps(entry) + "\n")
+            if (writer := self._tensorboard()) is not None:
+                for key, value in entry.items():
+                    if key != "step":
+                        writer.add_scalar(key, value, entry["step"])
+
+    def _tensorboard(self):
+        """A TensorBoard writer under output_dir/runs when tensorboard is installed, else None."""
+        if not hasattr(self, "_tb"):
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.output_dir / "runs"))
+            except ImportError:
+                self._tb = None
+        return self._tb
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path | None:
