@@ -160,3 +160,24 @@ def test_tokenize_and_pack_with_a_trained_tokenizer(tmp_path):
     total = sum(len(tok(t)["input_ids"]) + 1 for t in split["text"])
     assert sum(len(b) - 1 for b in packed["input_ids"]) == total - 1
     assert tokenize_and_pack(split, tok, block_size=16)["input_ids"] == packed["input_ids"]
+
+
+def test_streaming_hub_dataset_packs_without_downloading(monkeypatch):
+    import datasets
+
+    from mamba_slm.data import tokenize_and_pack
+    from mamba_slm.tokenizer import train_tokenizer
+
+    def fake_load(name, config=None, split=None, streaming=False, **kw):
+        assert streaming
+        return datasets.Dataset.from_dict({"body": LINES * 30}).to_iterable_dataset()
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    corpus = load_corpus(
+        DataSpec(dataset="some/corpus", text_field="body", streaming=True, validation_split=0.01)
+    )
+    assert isinstance(corpus["train"], datasets.IterableDataset)
+    assert len(list(corpus["validation"])) == 10
+    tok = train_tokenizer(LINES, vocab_size=300)
+    packed = tokenize_and_pack(corpus["train"], tok, block_size=32)
+    assert len(packed) > 10

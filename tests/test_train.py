@@ -1,6 +1,7 @@
 """The training loop: learning, bf16, accumulation, exact resume after kill -9, clear errors."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -177,3 +178,26 @@ def test_two_processes_agree_on_the_weights(tmp_path, mode):
 def test_fsdp_without_accelerators_is_a_clear_error(tmp_path):
     with pytest.raises(TrainError, match="--fsdp: Accelerate shards with FSDP only across several GPUs"):
         Trainer(tiny_model(), blocks(), [], args(tmp_path, fsdp=True))
+
+
+def test_early_stopping_keeps_the_best_model_and_only_the_last_checkpoints(tmp_path):
+    # a learning rate this high makes the validation loss rise after the first evaluations
+    run = args(tmp_path, max_steps=40, eval_steps=2, learning_rate=0.5, warmup_steps=1, early_stopping_patience=2,
+               save_steps=2, save_total_limit=2)  # fmt: skip
+    result = Trainer(tiny_model(), blocks(), blocks(8), run).train()
+    vals = [e["val_loss"] for e in result["log"] if "val_loss" in e]
+    assert result["step"] < 40 and len(vals) >= 3
+    assert vals[-1] > min(vals) and vals[-2] > min(vals)  # stopped after two evaluations without improvement
+    best = HybridLM.from_pretrained(tmp_path / "best")
+    trainer = Trainer(best, blocks(), blocks(8), args(tmp_path / "check"))
+    assert abs(trainer.evaluate() - min(vals)) < 1e-4
+    kept = sorted(p.name for p in tmp_path.glob("checkpoint-*"))
+    assert len(kept) == 2 and not list(tmp_path.glob(".tmp-*"))
+
+
+@pytest.mark.slow
+def test_compiled_model_trains(tmp_path):
+    result = Trainer(
+        tiny_model(), blocks(), [], args(tmp_path, max_steps=3, compile=True, eval_steps=0)
+    ).train()
+    assert result["step"] == 3 and all(math.isfinite(e["loss"]) for e in result["log"] if "loss" in e)

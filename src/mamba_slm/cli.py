@@ -36,12 +36,14 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--streaming", action="store_true", help="stream a hub dataset instead of downloading it")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-proc", type=int, help="processes for tokenizing and loading (datasets.map)")
 
 
 def data_spec(args: argparse.Namespace) -> DataSpec:
     return DataSpec(
         dataset=args.dataset, dataset_config=args.dataset_config, split=args.split, text_field=args.text_field,
         max_samples=args.max_samples, validation_split=args.validation_split, streaming=args.streaming, seed=args.seed,
+        num_proc=args.num_proc,
     )  # fmt: skip
 
 
@@ -90,8 +92,12 @@ def cmd_train(args: argparse.Namespace) -> None:
             raise TrainError(
                 f"--tokenizer: {len(tokenizer)} tokens, but the model's vocabulary has {model.config.vocab_size}"
             )
-        train_blocks = tokenize_and_pack(corpus["train"], tokenizer, args.block_size)["input_ids"]
-        val_blocks = tokenize_and_pack(corpus["validation"], tokenizer, args.block_size)["input_ids"]
+        train_blocks = tokenize_and_pack(corpus["train"], tokenizer, args.block_size, args.num_proc)[
+            "input_ids"
+        ]
+        val_blocks = tokenize_and_pack(corpus["validation"], tokenizer, args.block_size, args.num_proc)[
+            "input_ids"
+        ]
         train_args = TrainArgs(
             output_dir=args.output_dir, max_steps=args.max_steps, num_train_epochs=args.num_train_epochs,
             batch_size=args.batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,

@@ -166,8 +166,20 @@ def load_corpus(spec: DataSpec):
     else:
         train, validation = _load_hub(spec)
         text_field = spec.text_field
-    if spec.streaming:
-        return datasets.IterableDatasetDict({"train": train, "validation": validation or train.take(0)})
+    if isinstance(train, datasets.IterableDataset):  # --streaming from the hub: nothing is downloaded whole
+        train = train.select_columns([text_field]).filter(
+            lambda row: bool(row[text_field] and row[text_field].strip())
+        )
+        if text_field != "text":
+            train = train.rename_column(text_field, "text")
+        if spec.max_samples is not None:
+            train = train.take(spec.max_samples)
+        held_out = max(
+            1, int(1000 * spec.validation_split)
+        )  # the stream's first rows are the validation split
+        return datasets.IterableDatasetDict(
+            {"train": train.skip(held_out), "validation": train.take(held_out)}
+        )
     train = _only_text(train, text_field, name)
     if spec.max_samples is not None:
         train = train.select(range(min(spec.max_samples, len(train))))
@@ -240,6 +252,12 @@ def tokenize_and_pack(split, tokenizer, block_size: int, num_proc: int | None = 
 
     if tokenizer.eos_token_id is None:
         raise DataError("tokenizer: it has no EOS token, which separates packed documents")
+    if isinstance(split, datasets.IterableDataset):  # streaming: tokenize as the rows arrive
+        stream = (tokenizer(row["text"], add_special_tokens=False)["input_ids"] for row in split)
+        blocks = list(pack_token_blocks(stream, block_size, tokenizer.eos_token_id))
+        if not blocks:
+            raise DataError("corpus: no tokens to train on after tokenization")
+        return datasets.Dataset.from_dict({"input_ids": blocks})
     tokenized = split.map(
         lambda batch: {"ids": tokenizer(batch["text"], add_special_tokens=False)["input_ids"]},
         batched=True,
