@@ -29,10 +29,12 @@ def autocast_off(method):
     return wrapper
 
 
-def _conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """Causal depthwise conv. x: (b, l, c), weight: (c, k) -> (b, l, c)."""
+def _conv(x: Tensor, weight: Tensor, bias: Tensor | None, padded: Tensor | None = None) -> Tensor:
+    """Causal depthwise conv. x: (b, l, c), weight: (c, k) -> (b, l, c); `padded` is x with k-1
+    leading zero steps, if the caller has it already."""
     k, seqlen = weight.shape[1], x.shape[1]
-    padded = F.pad(x, (0, 0, k - 1, 0))
+    if padded is None:
+        padded = F.pad(x, (0, 0, k - 1, 0))
     out = padded[:, k - 1 :] * weight[:, k - 1]
     if bias is not None:
         out += bias
@@ -53,16 +55,13 @@ class _ConvSiLU(torch.autograd.Function):
     def backward(ctx, dout):
         x, weight, bias = ctx.saved_tensors
         k, seqlen = weight.shape[1], x.shape[1]
-        pre = _conv(x, weight, bias)
-        sig = torch.sigmoid(pre)
-        dpre = dout * sig * (1 + pre * (1 - sig))  # silu'(pre)
-        del pre, sig
+        xpad = F.pad(x, (0, 0, k - 1, 0))
+        dpre = torch.ops.aten.silu_backward(dout, _conv(x, weight, bias, xpad))
         # out[t] = sum_i w_i x[t - (k-1) + i]  =>  dx[t] = sum_i w_i dpre[t + (k-1) - i]
         dpad = F.pad(dpre, (0, 0, 0, k - 1))
         dx = dpre * weight[:, k - 1]
         for i in range(k - 1):
             dx.addcmul_(dpad[:, k - 1 - i : k - 1 - i + seqlen], weight[:, i])
-        xpad = F.pad(x, (0, 0, k - 1, 0))
         dweight = torch.stack([(dpre * xpad[:, i : i + seqlen]).sum((0, 1)) for i in range(k)], dim=1)
         dbias = dpre.sum((0, 1)) if bias is not None else None
         return dx, dweight, dbias
@@ -89,8 +88,7 @@ class _GatedRMSNorm(torch.autograd.Function):
         y, z, weight = ctx.saved_tensors
         groups, eps = ctx.n_groups, ctx.eps
         shape = y.shape
-        sig = torch.sigmoid(z)
-        s = z * sig  # silu(z)
+        s = F.silu(z)
         u = (y * s).view(*shape[:-1], groups, -1)  # (..., g, d/g)
         r = torch.rsqrt(u.square().mean(-1, keepdim=True) + eps)
         dn = (dout * weight.to(dout.dtype)).view_as(u)  # grad of the normalised u
@@ -98,7 +96,7 @@ class _GatedRMSNorm(torch.autograd.Function):
         dweight = (dout.float() * (u * r).view(shape).float()).reshape(-1, shape[-1]).sum(0)
         du = du.view(shape)
         dy = du * s
-        dz = du * y * sig * (1 + z * (1 - sig))
+        dz = torch.ops.aten.silu_backward(du * y, z)
         return dy, dz, dweight, None, None
 
 
@@ -130,9 +128,8 @@ class _SwiGLU(torch.autograd.Function):
     @autocast_off
     def backward(ctx, dout):
         gate, up = ctx.saved_tensors
-        sig = torch.sigmoid(gate)
-        dup = dout * gate * sig  # dout * silu(gate)
-        dgate = (dout * up).mul_(sig).mul_(1 + gate * (1 - sig))
+        dup = dout * F.silu(gate)
+        dgate = torch.ops.aten.silu_backward(dout * up, gate)
         return dgate, dup
 
 
