@@ -208,3 +208,17 @@ def test_compiled_model_trains(tmp_path):
         tiny_model(), blocks(), [], args(tmp_path, max_steps=3, compile=True, eval_steps=0)
     ).train()
     assert result["step"] == 3 and all(math.isfinite(e["loss"]) for e in result["log"] if "loss" in e)
+
+
+def test_bad_arguments_are_one_line_errors(tmp_path, corpus_and_tokenizer):
+    with pytest.raises(TrainError, match="--batch-size: expected a positive integer, got 0"):
+        args(tmp_path, batch_size=0)
+    with pytest.raises(TrainError, match="--max-steps"):
+        args(tmp_path, max_steps=-1)
+    corpus, tok = corpus_and_tokenizer
+    for extra, message in [(["--batch-size", "0"], "--batch-size"), (["--block-size", "1"], "--block-size"),
+                           (["--preset", "huge"], "unknown preset")]:  # fmt: skip
+        cmd = _train_cmd(corpus, tok, tmp_path / "bad", *extra)
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert message in result.stderr.strip().splitlines()[-1]

@@ -80,6 +80,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .train import TrainArgs, Trainer, TrainError, build_model
 
     try:
+        if args.block_size < 2:
+            raise TrainError(f"--block-size: expected at least 2, got {args.block_size}")
         tokenizer = load_tokenizer(args.tokenizer)
         corpus = load_corpus(data_spec(args))
         overrides = {f: getattr(args, f) for f in MODEL_FIELDS if getattr(args, f) is not None}

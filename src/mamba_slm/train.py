@@ -62,6 +62,31 @@ class TrainArgs:
     fsdp: bool = False  # shard parameters, gradients and optimizer state across processes
     show_progress: bool = True
 
+    def __post_init__(self) -> None:
+        for name in (
+            "batch_size",
+            "gradient_accumulation_steps",
+            "logging_steps",
+            "save_total_limit",
+            "eval_batches",
+        ):
+            if getattr(self, name) < 1:
+                raise TrainError(
+                    f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(self, name)}"
+                )
+        for name in ("max_steps", "early_stopping_patience"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise TrainError(
+                    f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(self, name)}"
+                )
+        for name in ("warmup_steps", "eval_steps", "save_steps"):
+            if getattr(self, name) < 0:
+                raise TrainError(f"--{name.replace('_', '-')}: expected 0 or more, got {getattr(self, name)}")
+        if not self.learning_rate > 0 or not self.num_train_epochs > 0:
+            raise TrainError("--learning-rate and --num-train-epochs: expected positive numbers")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise TrainError(f"mixed_precision: expected no, bf16 or fp16, got {self.mixed_precision!r}")
+
 
 def lr_factor(step: int, args: TrainArgs, total_steps: int) -> float:
     """Linear warmup, then cosine decay to min_lr_ratio."""
