@@ -98,3 +98,11 @@ def test_demo_end_to_end_on_a_small_corpus(tmp_path):
     report = (out / "report.md").read_text()
     assert "held-out perplexity" in report and "## Samples" in report
     assert (out / "model" / "model.safetensors").exists() and (out / "tokenizer" / "tokenizer.json").exists()
+
+
+def test_demo_into_an_unwritable_place_is_one_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = run("demo", "--output-dir", str(blocker / "demo"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "cannot create the output directory" in result.stderr.strip().splitlines()[-1]

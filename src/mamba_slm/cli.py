@@ -14,8 +14,9 @@ from .checkpoint import CheckpointError
 from .config import ConfigError
 from .data import DataError, DataSpec, load_corpus
 from .tokenizer import TokenizerError, load_tokenizer, train_tokenizer
+from .train import TrainError
 
-USER_ERRORS = (DataError, TokenizerError, ConfigError, CheckpointError)
+USER_ERRORS = (DataError, TokenizerError, ConfigError, CheckpointError, TrainError)
 MODEL_FIELDS = ("d_model", "n_layers", "layer_pattern", "attn_ratio", "mixer", "d_state", "head_dim", "n_heads",
                 "n_kv_heads", "d_intermediate", "chunk_size", "pos_encoding", "sliding_window")  # fmt: skip
 
@@ -36,7 +37,7 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--streaming", action="store_true", help="stream a hub dataset instead of downloading it")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-proc", type=int, help="processes for tokenizing and loading (datasets.map)")
+    p.add_argument("--num-proc", type=int, help="processes for tokenizing (datasets.map)")
 
 
 def data_spec(args: argparse.Namespace) -> DataSpec:
@@ -77,44 +78,39 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     from .config import ModelConfig
     from .data import tokenize_and_pack
-    from .train import TrainArgs, Trainer, TrainError, build_model
+    from .train import TrainArgs, Trainer, build_model
 
-    try:
-        if args.block_size < 2:
-            raise TrainError(f"--block-size: expected at least 2, got {args.block_size}")
-        tokenizer = load_tokenizer(args.tokenizer)
-        corpus = load_corpus(data_spec(args))
-        overrides = {f: getattr(args, f) for f in MODEL_FIELDS if getattr(args, f) is not None}
-        config = ModelConfig.from_preset(args.preset, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
-                                         bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                         max_position_embeddings=max(2048, args.block_size), **overrides)  # fmt: skip
-        torch.manual_seed(args.seed)  # the initial weights are part of what --seed fixes
-        model = build_model(config, args.init_from)
-        if model.config.vocab_size < len(tokenizer):
-            raise TrainError(
-                f"--tokenizer: {len(tokenizer)} tokens, but the model's vocabulary has {model.config.vocab_size}"
-            )
-        train_blocks = tokenize_and_pack(corpus["train"], tokenizer, args.block_size, args.num_proc)[
-            "input_ids"
-        ]
-        val_blocks = tokenize_and_pack(corpus["validation"], tokenizer, args.block_size, args.num_proc)[
-            "input_ids"
-        ]
-        train_args = TrainArgs(
-            output_dir=args.output_dir, max_steps=args.max_steps, num_train_epochs=args.num_train_epochs,
-            batch_size=args.batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
-            learning_rate=args.learning_rate, warmup_steps=args.warmup_steps, mixed_precision=args.mixed_precision,
-            gradient_checkpointing=args.gradient_checkpointing, logging_steps=args.logging_steps,
-            eval_steps=args.eval_steps, early_stopping_patience=args.early_stopping_patience,
-            save_steps=args.save_steps, save_total_limit=args.save_total_limit, seed=args.seed, resume=args.resume,
-            compile=args.compile, fsdp=args.fsdp,
-        )  # fmt: skip
-        trainer = Trainer(model, train_blocks, val_blocks, train_args, tokenizer.pad_token_id, tokenizer)
-        print(f"model: {model.num_parameters():,} parameters, layers {model.config.layer_pattern}; "
-              f"{len(train_blocks):,} training blocks of {args.block_size} tokens")  # fmt: skip
-        result = trainer.train()
-    except TrainError as e:
-        raise DataError(str(e)) from None
+    if args.block_size < 2:
+        raise TrainError(f"--block-size: expected at least 2, got {args.block_size}")
+    tokenizer = load_tokenizer(args.tokenizer)
+    corpus = load_corpus(data_spec(args))
+    overrides = {f: getattr(args, f) for f in MODEL_FIELDS if getattr(args, f) is not None}
+    config = ModelConfig.from_preset(args.preset, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                                     bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                     max_position_embeddings=max(2048, args.block_size), **overrides)  # fmt: skip
+    torch.manual_seed(args.seed)  # the initial weights are part of what --seed fixes
+    model = build_model(config, args.init_from)
+    if model.config.vocab_size < len(tokenizer):
+        raise TrainError(
+            f"--tokenizer: {len(tokenizer)} tokens, but the model's vocabulary has {model.config.vocab_size}"
+        )
+    train_blocks = tokenize_and_pack(corpus["train"], tokenizer, args.block_size, args.num_proc)["input_ids"]
+    val_blocks = tokenize_and_pack(corpus["validation"], tokenizer, args.block_size, args.num_proc)[
+        "input_ids"
+    ]
+    train_args = TrainArgs(
+        output_dir=args.output_dir, max_steps=args.max_steps, num_train_epochs=args.num_train_epochs,
+        batch_size=args.batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
+        learning_rate=args.learning_rate, warmup_steps=args.warmup_steps, mixed_precision=args.mixed_precision,
+        gradient_checkpointing=args.gradient_checkpointing, logging_steps=args.logging_steps,
+        eval_steps=args.eval_steps, early_stopping_patience=args.early_stopping_patience,
+        save_steps=args.save_steps, save_total_limit=args.save_total_limit, seed=args.seed, resume=args.resume,
+        compile=args.compile, fsdp=args.fsdp,
+    )  # fmt: skip
+    trainer = Trainer(model, train_blocks, val_blocks, train_args, tokenizer.pad_token_id, tokenizer)
+    print(f"model: {model.num_parameters():,} parameters, layers {model.config.layer_pattern}; "
+          f"{len(train_blocks):,} training blocks of {args.block_size} tokens")  # fmt: skip
+    result = trainer.train()
     best = result["best_val_loss"]
     print(
         f"done at step {result['step']}" + (f"; best validation loss {best:.4f}" if best is not None else "")

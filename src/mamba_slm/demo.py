@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
-from .data import DataSpec, load_corpus, tokenize_and_pack
+from .data import DataError, DataSpec, load_corpus, tokenize_and_pack
 from .evaluate import perplexity, unigram_perplexity
 from .generation import SamplingConfig, generate
 from .model.hybrid import HybridLM
@@ -41,7 +41,10 @@ class DemoArgs:
 def run_demo(args: DemoArgs) -> dict:
     start = time.perf_counter()
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{out}: cannot create the output directory ({e.strerror})") from None
     step = lambda n, text: print(f"[{n}/5] {text}", flush=True)  # noqa: E731
 
     step(1, f"loading {args.dataset}")
