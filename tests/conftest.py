@@ -6,3 +6,19 @@ import torch
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A saved tiny model with a byte-level BPE tokenizer (what `train` writes), for CLI tests."""
+    from mamba_slm import HybridLM, ModelConfig
+    from mamba_slm.tokenizer import train_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny_model")
+    texts = ["To be, or not to be, that is the question. " * 3, "Café, naïve — 東京 ☃. Hello there! " * 3]
+    tokenizer = train_tokenizer(texts, vocab_size=320, output_dir=path)
+    torch.manual_seed(0)
+    config = ModelConfig.from_preset("tiny", vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                                     bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    HybridLM(config).save_pretrained(path)
+    return path

@@ -1,14 +1,33 @@
-"""Generation: greedy equals an argmax loop, sampling respects top-k/top-p, seeds, padding, EOS."""
+"""The generation engine: greedy == argmax loop, sampling filters, seeds, padding, stop rules, streaming."""
 
+import threading
+
+import pytest
 import torch
 
 from mamba_slm import HybridLM, ModelConfig
-from mamba_slm.generation import SamplingConfig, filter_logits, generate
+from mamba_slm.generation import (
+    Engine,
+    GenerationConfig,
+    GenerationError,
+    SamplingConfig,
+    filter_logits,
+    generate,
+    next_tokens,
+)
+from mamba_slm.tokenizer import train_tokenizer
+
+TEXT = ["The quick brown fox jumps over the lazy dog. " * 4, "Café, naïve, déjà vu — 東京 and ☃ snow. " * 4]
 
 
-def tiny():
+def tiny(vocab_size: int = 256, **overrides):
     torch.manual_seed(0)
-    return HybridLM(ModelConfig.from_preset("tiny")).eval()
+    return HybridLM(ModelConfig.from_preset("tiny", vocab_size=vocab_size, **overrides)).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(TEXT, vocab_size=300)
 
 
 def argmax_loop(model, prompt, steps):
@@ -27,6 +46,14 @@ def test_greedy_batch_of_different_lengths_equals_argmax_loop():
         assert tokens == argmax_loop(model, prompt, 10)
 
 
+def test_left_padded_sampled_batch_gives_each_prompt_its_own_tokens():
+    model, cfg = tiny(), GenerationConfig(max_new_tokens=12, temperature=0, repetition_penalty=1.3)
+    prompts = [[5, 17, 99, 3, 42, 7, 8], [200, 1], [9, 9, 9, 9]]
+    together = Engine(model).generate(prompts, cfg)
+    for prompt, completion in zip(prompts, together, strict=True):
+        assert completion.tokens == Engine(model).generate([prompt], cfg)[0].tokens
+
+
 def test_seeded_sampling_is_reproducible_and_stops_at_eos():
     model = tiny()
     cfg = SamplingConfig(max_new_tokens=20, temperature=1.0, top_p=0.9, seed=7)
@@ -35,6 +62,16 @@ def test_seeded_sampling_is_reproducible_and_stops_at_eos():
     eos = first[4]
     stopped = generate(model, [[1, 2, 3]], SamplingConfig(**{**cfg.__dict__, "eos_token_id": eos}))[0]
     assert stopped[-1] == eos and len(stopped) == first.index(eos) + 1
+    assert generate(model, [[1, 2, 3]], GenerationConfig(**{**cfg.__dict__, "seed": 8})) != [first]
+
+
+def test_n_samples_come_from_one_prompt_and_differ():
+    model = tiny()
+    cfg = GenerationConfig(max_new_tokens=16, temperature=1.5, seed=3, num_return_sequences=4)
+    out = Engine(model).generate([[1, 2, 3], [4, 5]], cfg)
+    assert [c.prompt_index for c in out] == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert len({tuple(c.tokens) for c in out[:4]}) > 1
+    assert all(len(c.tokens) == 16 and c.finish_reason == "length" for c in out)
 
 
 def test_filters_keep_only_allowed_tokens():
@@ -46,5 +83,104 @@ def test_filters_keep_only_allowed_tokens():
     for row, kept in zip(logits.softmax(-1), nucleus > float("-inf"), strict=True):
         kept_mass = row[kept].sum()
         assert kept_mass >= 0.5 and kept_mass - row[kept].min() < 0.5  # the smallest such set
-    draws = torch.multinomial(nucleus.softmax(-1), 500, replacement=True)
-    assert torch.gather(nucleus > float("-inf"), 1, draws).all()
+    min_p = filter_logits(logits, min_p=0.3)
+    probs = logits.softmax(-1)
+    assert torch.equal(min_p > float("-inf"), probs >= 0.3 * probs.amax(-1, keepdim=True))
+
+
+@pytest.mark.parametrize(
+    "setting", [{"top_k": 3}, {"top_p": 0.6}, {"min_p": 0.2}, {"top_k": 8, "top_p": 0.5}]
+)
+def test_sampling_never_draws_outside_the_allowed_set(setting):
+    torch.manual_seed(1)
+    logits = torch.randn(4, 40) * 2
+    cfg = GenerationConfig(temperature=0.7, seed=0, **setting)
+    allowed = filter_logits(logits / 0.7, cfg.top_k, cfg.top_p, cfg.min_p) > float("-inf")
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(500):
+        drawn = next_tokens(logits, cfg, generator)
+        assert allowed[torch.arange(4), drawn].all()
+
+
+def test_engine_samples_only_top_k_tokens_of_the_full_forward():
+    model = tiny()
+    out = Engine(model).generate([[3, 1, 4, 1, 5]], GenerationConfig(max_new_tokens=10, top_k=2, seed=0,
+                                                                       num_return_sequences=6))  # fmt: skip
+    for completion in out:
+        ids = torch.tensor([[3, 1, 4, 1, 5] + completion.tokens])
+        with torch.no_grad():
+            logits = model(ids).logits[0, 4:-1]  # the logits each new token was drawn from
+        top2 = logits.topk(2, dim=-1).indices
+        assert (top2 == torch.tensor(completion.tokens)[:, None]).any(-1).all()
+
+
+def test_repetition_penalty_changes_greedy_output_toward_new_tokens():
+    model = tiny()
+    plain = Engine(model).generate([[7, 7, 7]], GenerationConfig(max_new_tokens=30, temperature=0))[0]
+    penalised = Engine(model).generate(
+        [[7, 7, 7]], GenerationConfig(max_new_tokens=30, temperature=0, repetition_penalty=5.0)
+    )[0]
+    assert len(set(penalised.tokens)) > len(set(plain.tokens))
+
+
+def test_stop_strings_end_generation_and_are_not_emitted(tokenizer):
+    model = tiny(len(tokenizer))
+    engine = Engine(model, tokenizer)
+    full = engine.generate(["The quick"], GenerationConfig(max_new_tokens=40, temperature=0))[0]
+    assert len(full.text) > 12
+    stop = full.text[8:11]
+    cut = engine.generate(
+        ["The quick"], GenerationConfig(max_new_tokens=40, temperature=0, stop_strings=(stop,))
+    )
+    assert cut[0].text == full.text[: full.text.find(stop)]
+    assert cut[0].finish_reason == "stop" and len(cut[0].tokens) < len(full.tokens)
+    assert tokenizer.decode(cut[0].tokens, skip_special_tokens=True) == cut[0].text
+
+
+def test_streaming_deltas_join_to_the_full_text(tokenizer):
+    model = tiny(len(tokenizer))
+    engine = Engine(model, tokenizer)
+    for cfg in (GenerationConfig(max_new_tokens=50, temperature=0),
+                GenerationConfig(max_new_tokens=50, temperature=1.0, seed=5),
+                GenerationConfig(max_new_tokens=50, temperature=1.0, seed=5, stop_strings=("e",))):  # fmt: skip
+        deltas = list(engine.stream("Café", cfg))
+        assert "".join(deltas) == engine.generate(["Café"], cfg)[0].text
+        assert all(deltas)
+
+
+def test_streaming_never_splits_a_multibyte_character(tokenizer, monkeypatch):
+    """Script the tokens: characters whose UTF-8 bytes arrive one token at a time."""
+    text = "naïve 東京 ☃!"
+    scripted = [tokenizer.convert_tokens_to_ids(t) for t in tokenizer.tokenize(text)]
+    assert len(scripted) > len(text.split())  # byte-level: multi-byte characters span several tokens
+    engine = Engine(tiny(len(tokenizer)), tokenizer)
+    monkeypatch.setattr(engine, "_steps", lambda ids, cfg: iter(torch.tensor([t]) for t in scripted))
+    deltas = list(engine.stream("x", GenerationConfig(max_new_tokens=len(scripted))))
+    assert "".join(deltas) == text
+    assert not any("\ufffd" in d for d in deltas)
+    assert len(deltas) > 3
+
+
+def test_cancellation_stops_generation():
+    cancel = threading.Event()
+    cancel.set()
+    out = Engine(tiny()).generate([[1, 2]], GenerationConfig(max_new_tokens=50), cancel=cancel)[0]
+    assert out.finish_reason == "cancelled" and out.tokens == []
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"max_new_tokens": 0}, {"top_p": 0.0}, {"temperature": -1}, {"min_p": 1.0}, {"num_beams": 0},
+     {"num_beams": 2, "num_return_sequences": 3}, {"penalty_alpha": 0.5, "top_k": 1}],
+)  # fmt: skip
+def test_bad_settings_raise_one_clear_error(bad):
+    with pytest.raises(GenerationError, match=next(iter(bad)) if "penalty" not in str(bad) else "top_k"):
+        GenerationConfig(**bad)
+
+
+def test_bad_prompts_raise_clear_errors():
+    engine = Engine(tiny())
+    with pytest.raises(GenerationError, match="outside the vocabulary"):
+        engine.generate([[1, 999]])
+    with pytest.raises(GenerationError, match="need a tokenizer"):
+        engine.generate(["text"])

@@ -1,31 +1,111 @@
-"""Generation on token ids: one parallel prefill of a left-padded batch, then recurrent steps.
+"""The generation engine: token ids in, token ids (and text) out.
 
-This first version does greedy decoding and temperature / top-k / top-p sampling with stop on
-EOS; the full engine (beam and contrastive search, streaming, stop strings) builds on it.
+`Engine` runs one parallel prefill of a left-padded batch, then recurrent decode steps with the
+model's `HybridCache`. Every strategy is a loop over that cache:
+
+  * sampling (`_sample_steps`): greedy, temperature, top-k, top-p, min-p, repetition penalty,
+    `n` samples per prompt from one prefill (`HybridCache.expand_rows`), a seeded generator;
+  * contrastive search and beam search (`search.py`), on the same prefilled cache.
+
+Sampling and contrastive search are generators of next-token tensors, consumed by one
+`_Collector` that applies stop token ids, stop strings and cancellation, so `generate` (a batch
+of completions) and `stream` (text deltas of one completion) share the loop. Stop tokens are
+kept in `tokens` (as transformers does) and never appear in `text`; stop strings end the text
+before them. The per-step Python work is a few tensor ops; a stop-string check decodes only the
+tail of the row.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch import Tensor
 
 from .model.hybrid import HybridLM
+from .search import beam_search, contrastive_steps
+
+
+class GenerationError(ValueError):
+    """Bad generation settings or prompts (one line, names the setting)."""
 
 
 @dataclass
-class SamplingConfig:
+class GenerationConfig:
     max_new_tokens: int = 64
     temperature: float = 1.0  # 0 = greedy
-    top_k: int = 0
+    top_k: int = 0  # 0 = off
     top_p: float = 1.0
+    min_p: float = 0.0  # drop tokens below min_p x the most likely token's probability
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or output
     eos_token_id: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+    num_return_sequences: int = 1  # samples (or beams returned) per prompt
+    num_beams: int = 1
+    length_penalty: float = 1.0  # beam score = log-prob sum / generated_length ** length_penalty
+    early_stopping: bool = True  # beam search ends once num_beams hypotheses are finished
+    penalty_alpha: float = 0.0  # > 0 with top_k > 1: contrastive search
     seed: int | None = None
 
+    def __post_init__(self) -> None:
+        checks = [
+            ("max_new_tokens", self.max_new_tokens >= 1, "at least 1"),
+            ("temperature", self.temperature >= 0, ">= 0"),
+            ("top_k", self.top_k >= 0, ">= 0"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+            ("min_p", 0 <= self.min_p < 1, "in [0, 1)"),
+            ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
+            ("num_return_sequences", self.num_return_sequences >= 1, "at least 1"),
+            ("num_beams", self.num_beams >= 1, "at least 1"),
+            ("penalty_alpha", 0 <= self.penalty_alpha <= 1, "in [0, 1]"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise GenerationError(f"{name}: expected {expected}, got {getattr(self, name)!r}")
+        if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
+            raise GenerationError(
+                f"num_return_sequences: at most num_beams ({self.num_beams}), got {self.num_return_sequences}"
+            )
+        if self.num_beams > 1 and self.penalty_alpha > 0:
+            raise GenerationError("penalty_alpha: contrastive search and beam search cannot be combined")
+        if self.penalty_alpha > 0 and self.top_k < 2:
+            raise GenerationError(f"top_k: contrastive search needs at least 2 candidates, got {self.top_k}")
+        self.stop_token_ids = tuple(self.stop_token_ids)
+        self.stop_strings = tuple(s for s in self.stop_strings if s)
 
-def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
-    """Set logits outside the top-k / nucleus (top-p) to -inf. logits: (b, vocab)."""
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        extra = () if self.eos_token_id is None else (self.eos_token_id,)
+        return tuple(dict.fromkeys(self.stop_token_ids + extra))
+
+    @property
+    def strategy(self) -> str:
+        if self.num_beams > 1:
+            return "beam"
+        if self.penalty_alpha > 0:
+            return "contrastive"
+        return "greedy" if self.temperature == 0 else "sample"
+
+
+SamplingConfig = GenerationConfig  # the first version's name
+
+
+@dataclass
+class Completion:
+    tokens: list[int]  # new tokens (stop token included when it ended the completion)
+    text: str | None = None  # decoded without special tokens, cut before a stop string
+    finish_reason: str = "length"  # "stop" | "length" | "cancelled"
+    prompt_index: int = 0
+    score: float | None = None  # beam search: length-normalised log-probability
+    prompt_tokens: int = 0
+
+
+# ---------------------------------------------------------------------------- logits processing
+def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> Tensor:
+    """Set logits outside the top-k / nucleus (top-p) / min-p set to -inf. logits: (b, vocab)."""
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -34,38 +114,306 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    if min_p > 0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), float("-inf"))
     return logits
 
 
-@torch.inference_mode()
-def generate(
-    model: HybridLM, prompts: list[list[int]], config: SamplingConfig, pad_id: int = 0
-) -> list[list[int]]:
-    """New tokens for each prompt (without the prompt), stopping at EOS (kept) or max_new_tokens."""
-    device = next(model.parameters()).device
+def penalize_repetition(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
+    """CTRL's repetition penalty: divide positive logits of seen tokens by `penalty`, multiply negative ones."""
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def next_tokens(logits: Tensor, config: GenerationConfig, generator: torch.Generator | None) -> Tensor:
+    """(rows, vocab) logits -> (rows,) next tokens: argmax, or a draw from the filtered distribution."""
+    if config.temperature == 0:
+        return logits.argmax(-1)
+    logits = filter_logits(logits.float() / config.temperature, config.top_k, config.top_p, config.min_p)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(ids, mask), both (b, longest); every row's last token is at the end."""
     width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
-    for i, prompt in enumerate(prompts):  # left padding: every row's last token is at the end
-        ids[i, width - len(prompt) :] = torch.tensor(prompt, device=device)
+    for i, prompt in enumerate(prompts):
+        ids[i, width - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
         mask[i, width - len(prompt) :] = 1
-    generator = torch.Generator(device=device).manual_seed(config.seed) if config.seed is not None else None
-    cache = model.allocate_cache(len(prompts), capacity=width + config.max_new_tokens)
-    logits = model(ids, attention_mask=mask, cache=cache, num_logits_to_keep=1).logits[:, -1]
-    out: list[list[int]] = [[] for _ in prompts]
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    for _ in range(config.max_new_tokens):
-        if config.temperature <= 0:
-            nxt = logits.argmax(-1)
-        else:
-            probs = filter_logits(logits.float() / config.temperature, config.top_k, config.top_p).softmax(-1)
-            nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]
-        for i, token in enumerate(nxt.tolist()):
-            if not done[i]:
-                out[i].append(token)
-        if config.eos_token_id is not None:
-            done |= nxt == config.eos_token_id
-        if bool(done.all()):
-            break
-        logits = model(nxt[:, None], cache=cache).logits[:, -1]
-    return out
+    return ids.to(device), mask.to(device)
+
+
+# ---------------------------------------------------------------------------- stop handling
+@dataclass
+class _Row:
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_at: int | None = None  # character index where a stop string starts
+
+
+class _Collector:
+    """Applies stop ids, stop strings and cancellation to a stream of (rows,) next-token tensors."""
+
+    def __init__(self, rows: int, config: GenerationConfig, tokenizer) -> None:
+        self.rows = [_Row() for _ in range(rows)]
+        self.stop_ids = set(config.stop_ids)
+        self.stop_strings = config.stop_strings
+        if self.stop_strings and tokenizer is None:
+            raise GenerationError("stop_strings: need a tokenizer to decode the text")
+        self.tokenizer = tokenizer
+        # Enough tokens to hold the longest stop string even at one byte per token, plus a partial char.
+        self.tail = max((len(s.encode()) for s in self.stop_strings), default=0) + 4
+        self.active = list(range(rows))
+
+    def add(self, step_tokens: Tensor) -> bool:
+        """Record one step; True when every row has finished."""
+        values = step_tokens.tolist()
+        still = []
+        for i in self.active:
+            row, token = self.rows[i], values[i]
+            row.tokens.append(token)
+            if token in self.stop_ids or (self.stop_strings and self._hits_stop_string(row)):
+                row.finish_reason = "stop"
+            else:
+                still.append(i)
+        self.active = still
+        return not still
+
+    def _hits_stop_string(self, row: _Row) -> bool:
+        tail = self.tokenizer.decode(row.tokens[-self.tail :], skip_special_tokens=True)
+        return any(s in tail for s in self.stop_strings)
+
+    def finish(self, reason: str) -> None:
+        for i in self.active:
+            self.rows[i].finish_reason = reason
+        self.active = []
+
+    def completion(self, i: int) -> Completion:
+        row = self.rows[i]
+        tokens, text = row.tokens, None
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            cut = min((k for k in (text.find(s) for s in self.stop_strings) if k >= 0), default=-1)
+            if cut >= 0:  # drop the stop string and the tokens that carry it
+                text = text[:cut]
+                while tokens and len(self.tokenizer.decode(tokens, skip_special_tokens=True)) > cut:
+                    tokens = tokens[:-1]
+        return Completion(list(tokens), text, row.finish_reason or "length")
+
+
+# ---------------------------------------------------------------------------- the engine
+class Engine:
+    """Batched generation over a `HybridLM` (token ids in, `Completion`s out; text when given a tokenizer)."""
+
+    def __init__(self, model: HybridLM, tokenizer=None) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self.pad_id = pad if pad is not None else (model.config.pad_token_id or 0)
+        self.device = next(model.parameters()).device
+
+    def default_config(self, **overrides) -> GenerationConfig:
+        """A config whose stop tokens are the model's EOS (and the chat end-of-turn token, if any)."""
+        stop = [self.model.config.eos_token_id]
+        if self.tokenizer is not None:
+            stop += [self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|end|>")]
+            stop = [t for t in stop if t is not None and t != self.tokenizer.unk_token_id]
+        overrides.setdefault("stop_token_ids", tuple(dict.fromkeys(t for t in stop if t is not None)))
+        return GenerationConfig(**overrides)
+
+    def encode(self, prompts: Sequence[str] | Sequence[Sequence[int]]) -> list[list[int]]:
+        if not prompts:
+            raise GenerationError("prompts: expected at least one prompt")
+        out = []
+        for p in prompts:
+            if isinstance(p, str):
+                if self.tokenizer is None:
+                    raise GenerationError("prompts: text prompts need a tokenizer")
+                p = self.tokenizer.encode(p, add_special_tokens=False)
+            if len(p) == 0:
+                bos = self.model.config.bos_token_id
+                if bos is None:
+                    raise GenerationError("prompts: an empty prompt needs a BOS token")
+                p = [bos]
+            out.append([int(t) for t in p])
+        vocab = self.model.config.vocab_size
+        bad = [t for p in out for t in p if not 0 <= t < vocab]
+        if bad:
+            raise GenerationError(f"prompts: token id {bad[0]} outside the vocabulary (size {vocab})")
+        return out
+
+    # ------------------------------------------------------------------ public entry points
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: Sequence[str] | Sequence[Sequence[int]],
+        config: GenerationConfig | None = None,
+        cancel: threading.Event | None = None,
+    ) -> list[Completion]:
+        """Completions for every prompt: num_return_sequences each, prompt by prompt."""
+        config = config or self.default_config()
+        ids = self.encode(prompts)
+        if config.strategy == "beam":
+            return self.beam_search(ids, config)
+        n = config.num_return_sequences
+        collector = _Collector(len(ids) * n, config, self.tokenizer)
+        steps = self._steps(ids, config)
+        for step_tokens in steps:
+            if cancel is not None and cancel.is_set():
+                collector.finish("cancelled")
+                break
+            if collector.add(step_tokens):
+                break
+        steps.close()
+        collector.finish("length")
+        completions = [collector.completion(i) for i in range(len(ids) * n)]
+        for i, c in enumerate(completions):
+            c.prompt_index, c.prompt_tokens = i // n, len(ids[i // n])
+        return completions
+
+    @torch.inference_mode()
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        config: GenerationConfig | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[str]:
+        """Text deltas of one completion; joined they equal `generate(...)[0].text`. Never splits a
+        multi-byte character (a partial UTF-8 sequence decodes to U+FFFD and is held back) and holds
+        back text that may be the start of a stop string."""
+        if self.tokenizer is None:
+            raise GenerationError("stream: needs a tokenizer")
+        config = config or self.default_config()
+        if config.strategy == "beam" or config.num_return_sequences > 1:
+            raise GenerationError("stream: one sequence only (no beam search, num_return_sequences 1)")
+        ids = self.encode([prompt])
+        collector = _Collector(1, config, self.tokenizer)
+        sent = 0
+        steps = self._steps(ids, config)
+        try:
+            for step_tokens in steps:
+                if cancel is not None and cancel.is_set():
+                    collector.finish("cancelled")
+                    break
+                done = collector.add(step_tokens)
+                if done:
+                    break
+                text = self.tokenizer.decode(collector.rows[0].tokens, skip_special_tokens=True)
+                ready = len(text) - _held_back(text, config.stop_strings)
+                if ready > sent:
+                    yield text[sent:ready]
+                    sent = ready
+        finally:
+            steps.close()
+        collector.finish("length")
+        self.last_completion = collector.completion(0)
+        self.last_completion.prompt_tokens = len(ids[0])
+        if len(self.last_completion.text) > sent:
+            yield self.last_completion.text[sent:]
+
+    # ------------------------------------------------------------------ step generators
+    def _prefill(self, ids: list[list[int]], config: GenerationConfig, hidden: bool = False):
+        tokens, mask = left_pad(ids, self.pad_id, self.device)
+        cache = self.model.allocate_cache(len(ids), capacity=tokens.shape[1] + config.max_new_tokens)
+        keep = 0 if hidden else 1
+        out = self.model(tokens, attention_mask=mask, cache=cache, num_logits_to_keep=keep,
+                         output_hidden_states=hidden)  # fmt: skip
+        return out.logits[:, -1].float(), cache, out.hidden_states, tokens, mask
+
+    def _steps(self, ids: list[list[int]], config: GenerationConfig) -> Iterator[Tensor]:
+        if config.strategy == "contrastive":
+            return self._contrastive_steps(ids, config)
+        return self._sample_steps(ids, config)
+
+    def _sample_steps(self, ids: list[list[int]], config: GenerationConfig) -> Iterator[Tensor]:
+        """Prefill once, then yield (rows,) next tokens; the consumer stops the iteration."""
+        logits, cache, _, tokens, mask = self._prefill(ids, config)
+        n = config.num_return_sequences
+        if n > 1:
+            cache.expand_rows(n)
+            logits, tokens, mask = (t.repeat_interleave(n, 0) for t in (logits, tokens, mask))
+        generator = None
+        if config.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        seen = None
+        if config.repetition_penalty != 1.0:
+            seen = torch.zeros(logits.shape, dtype=torch.bool, device=self.device)
+            seen.scatter_(1, tokens, mask.bool())
+        step_input = torch.empty(logits.shape[0], 1, dtype=torch.long, device=self.device)
+        for step in range(config.max_new_tokens):
+            if seen is not None:
+                logits = penalize_repetition(logits, seen, config.repetition_penalty)
+            nxt = next_tokens(logits, config, generator)
+            yield nxt
+            if step + 1 == config.max_new_tokens:
+                return
+            if seen is not None:
+                seen.scatter_(1, nxt[:, None], True)
+            step_input[:, 0] = nxt
+            logits = self.model(step_input, cache=cache).logits[:, -1].float()
+
+    def _contrastive_steps(self, ids: list[list[int]], config: GenerationConfig) -> Iterator[Tensor]:
+        logits, cache, hidden, _, mask = self._prefill(ids, config, hidden=True)
+        return contrastive_steps(
+            self.model, logits, cache, hidden, mask, config.top_k, config.penalty_alpha, config.max_new_tokens
+        )
+
+    def beam_search(self, ids: list[list[int]], config: GenerationConfig) -> list[Completion]:
+        """Per prompt, its num_return_sequences best beam hypotheses, best first."""
+        logits, cache, _, _, _ = self._prefill(ids, config)
+        stop = set(config.stop_ids)
+        finished = beam_search(self.model, logits, cache, config.num_beams, config.max_new_tokens, stop,
+                               config.length_penalty, config.early_stopping, self.pad_id)  # fmt: skip
+        out = []
+        for b, hyps in enumerate(finished):
+            for score, seq in sorted(hyps, key=lambda h: -h[0])[: config.num_return_sequences]:
+                text = self.tokenizer.decode(seq, skip_special_tokens=True) if self.tokenizer else None
+                reason = "stop" if seq and seq[-1] in stop else "length"
+                out.append(Completion(seq, text, reason, b, score, len(ids[b])))
+        return out
+
+
+def _held_back(text: str, stop_strings: tuple[str, ...]) -> int:
+    """How many trailing characters to hold back: a partial UTF-8 character, or a possible stop-string start."""
+    if text.endswith("\ufffd"):
+        return len(text) - len(text.rstrip("\ufffd"))
+    hold = 0
+    for s in stop_strings:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                hold = max(hold, k)
+                break
+    return hold
+
+
+def generate(
+    model: HybridLM, prompts: list[list[int]], config: GenerationConfig, pad_id: int = 0, tokenizer=None
+) -> list[list[int]]:
+    """New tokens for each prompt (without the prompt); a stop token that ended a row is kept."""
+    engine = Engine(model, tokenizer)
+    engine.pad_id = pad_id
+    return [c.tokens for c in engine.generate(prompts, config)]
+
+
+def config_from(base: GenerationConfig, **changes) -> GenerationConfig:
+    """A copy of `base` with `changes` (None values ignored), validated again."""
+    known = {f.name for f in fields(GenerationConfig)}
+    return replace(base, **{k: v for k, v in changes.items() if v is not None and k in known})
+
+
+def load_engine(path: str, adapter: str | None = None, device: str | None = None) -> Engine:
+    """An engine for a model directory (its tokenizer included), with a LoRA adapter merged in if given."""
+    from .checkpoint import load_model
+    from .tokenizer import load_tokenizer
+
+    if adapter:
+        from .finetune import load_model_with_adapter
+
+        model = load_model_with_adapter(path, adapter)
+    else:
+        model = load_model(path)
+    if device:
+        model = model.to(device)
+    return Engine(model, load_tokenizer(path))

@@ -87,6 +87,7 @@ class CausalLMOutput:
     logits: Tensor | None  # (b, l, vocab) or (b, num_logits_to_keep, vocab); None with return_logits=False
     loss: Tensor | None = None
     cache: HybridCache | None = None
+    hidden_states: Tensor | None = None  # final normed hidden states, with output_hidden_states=True
 
 
 class HybridLM(nn.Module):
@@ -126,11 +127,13 @@ class HybridLM(nn.Module):
         cache: HybridCache | None = None,
         num_logits_to_keep: int = 0,
         return_logits: bool = True,
+        output_hidden_states: bool = False,
     ) -> CausalLMOutput:
         """input_ids: (b, l). attention_mask: (b, l), 1 for real tokens, 0 for (left) padding; it
         covers the new tokens only, the cache remembers earlier ones. labels: (b, l), -100 ignored.
         With labels and return_logits=False (training), the loss is computed in chunks without
-        materialising the logits (out.logits is None), saving the LM head's largest tensors."""
+        materialising the logits (out.logits is None), saving the LM head's largest tensors.
+        output_hidden_states=True also returns the final normed hidden states (contrastive search)."""
         b, seqlen = input_ids.shape
         mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
@@ -156,13 +159,14 @@ class HybridLM(nn.Module):
             targets = self.shift_labels(labels, mask).reshape(-1)
             loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets)
             return CausalLMOutput(logits=None, loss=loss, cache=cache)
+        states = hidden if output_hidden_states else None  # all positions, whatever num_logits_to_keep
         if num_logits_to_keep:
             hidden = hidden[:, -num_logits_to_keep:]
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
             loss = self.loss(logits, labels, mask)
-        return CausalLMOutput(logits=logits, loss=loss, cache=cache)
+        return CausalLMOutput(logits, loss, cache, states)
 
     @staticmethod
     def shift_labels(labels: Tensor, mask: Tensor | None = None) -> Tensor:

@@ -1,0 +1,135 @@
+"""Search strategies beyond sampling: contrastive search and beam search.
+
+Both work on a prefilled `HybridCache` and use its row operations instead of running prefixes
+again: contrastive search runs its top-k candidates as k extra rows for one step and keeps the
+winner (`select_rows`); beam search reorders the rows after every step. `Engine` (generation.py)
+does the prefill and turns the results into `Completion`s.
+
+Contrastive search (Su et al. 2022, "A Contrastive Framework for Neural Text Generation"):
+among the top_k most likely tokens, pick argmax (1 - alpha) p(v) - alpha max_j cos(h_v, h_j),
+where h are the model's final hidden states and j runs over the context (prompt and output).
+Beam search keeps `num_beams` live beams and up to `num_beams` finished hypotheses per prompt,
+scored by log-probability sum / generated_length ** length_penalty, as transformers does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .model.cache import HybridCache
+from .model.hybrid import HybridLM
+
+Hypotheses = list[tuple[float, list[int]]]  # (score, tokens), at most num_beams of them
+
+
+def contrastive_steps(
+    model: HybridLM,
+    logits: Tensor,
+    cache: HybridCache,
+    hidden: Tensor,
+    mask: Tensor,
+    top_k: int,
+    alpha: float,
+    max_new_tokens: int,
+) -> Iterator[Tensor]:
+    """Yield (b,) next tokens. logits: (b, V) after the prompt; hidden: (b, t, d) the prompt's final
+    hidden states; mask: (b, t), 0 on left padding (never part of the context)."""
+    rows, device = logits.shape[0], logits.device
+    context = F.normalize(hidden.float(), dim=-1)  # (b, t, d) unit vectors
+    context_ok = mask.bool()
+    row_ids = torch.arange(rows, device=device)
+    for step in range(max_new_tokens):
+        top_prob, top_token = logits.softmax(-1).topk(top_k, dim=-1)  # (b, k)
+        cache.select_rows(row_ids.repeat_interleave(top_k))  # every candidate gets its own row
+        out = model(top_token.reshape(-1, 1), cache=cache, output_hidden_states=True)
+        h = F.normalize(out.hidden_states[:, -1].float(), dim=-1).view(rows, top_k, -1)  # (b, k, d)
+        similarity = torch.einsum("bkd,btd->bkt", h, context).masked_fill(~context_ok[:, None], -2.0)
+        score = (1 - alpha) * top_prob - alpha * similarity.amax(-1)  # (b, k)
+        best = score.argmax(-1)  # (b,)
+        yield top_token.gather(1, best[:, None])[:, 0]
+        if step + 1 == max_new_tokens:
+            return
+        chosen = row_ids * top_k + best
+        cache.select_rows(chosen)
+        logits = out.logits[:, -1].float()[chosen]
+        context = torch.cat([context, h[row_ids, best][:, None]], 1)
+        context_ok = F.pad(context_ok, (0, 1), value=True)
+
+
+def beam_search(
+    model: HybridLM,
+    logits: Tensor,
+    cache: HybridCache,
+    num_beams: int,
+    max_new_tokens: int,
+    stop_ids: set[int],
+    length_penalty: float = 1.0,
+    early_stopping: bool = True,
+    pad_id: int = 0,
+) -> list[Hypotheses]:
+    """Per prompt, up to num_beams (score, tokens) hypotheses (unsorted). logits: (b, V) after the
+    prompt; the cache holds b prefilled rows and is expanded to b * num_beams."""
+    nb, batch, device = num_beams, logits.shape[0], logits.device
+    cache.expand_rows(nb)
+    logprobs = logits.float().log_softmax(-1).repeat_interleave(nb, 0)  # (b*nb, V)
+    vocab = logprobs.shape[-1]
+    beam_scores = torch.full((batch, nb), float("-inf"), device=device)
+    beam_scores[:, 0] = 0.0  # the beams start identical: expand only the first at step one
+    tokens = torch.empty(batch * nb, 0, dtype=torch.long, device=device)
+    finished: list[Hypotheses] = [[] for _ in range(batch)]
+    done = [False] * batch
+    width = min(2 * nb, nb * vocab)  # 2 x beams: enough live candidates even if nb of them stop
+    for step in range(max_new_tokens):
+        length = step + 1
+        candidates = (beam_scores.reshape(-1, 1) + logprobs).view(batch, nb * vocab)
+        top_scores, top_index = candidates.topk(width, dim=1)
+        next_scores = torch.full((batch, nb), float("-inf"), device=device)
+        next_beam = torch.zeros(batch, nb, dtype=torch.long, device=device)
+        next_token = torch.full((batch, nb), pad_id, dtype=torch.long, device=device)
+        for b in range(batch):
+            if done[b]:
+                continue
+            kept = 0
+            for rank, (score, index) in enumerate(
+                zip(top_scores[b].tolist(), top_index[b].tolist(), strict=True)
+            ):
+                beam, token = divmod(index, vocab)
+                if token in stop_ids:
+                    if rank < nb and score > float("-inf"):
+                        seq = tokens[b * nb + beam].tolist() + [token]
+                        add_hypothesis(finished[b], nb, score / length**length_penalty, seq)
+                    continue
+                next_scores[b, kept], next_beam[b, kept], next_token[b, kept] = score, beam, token
+                kept += 1
+                if kept == nb:
+                    break
+            best_live = next_scores[b].max().item() / length**length_penalty
+            done[b] = len(finished[b]) == nb and (
+                early_stopping or min(h[0] for h in finished[b]) >= best_live
+            )
+        rows = (torch.arange(batch, device=device)[:, None] * nb + next_beam).reshape(-1)
+        tokens = torch.cat([tokens[rows], next_token.reshape(-1, 1)], 1)
+        if all(done) or step + 1 == max_new_tokens:
+            break
+        cache.select_rows(rows)
+        beam_scores = next_scores
+        logprobs = model(next_token.reshape(-1, 1), cache=cache).logits[:, -1].float().log_softmax(-1)
+    for b in range(batch):  # out of steps: the live beams compete with the finished hypotheses
+        if not done[b]:
+            for j in range(nb):
+                score = next_scores[b, j].item()
+                if score > float("-inf"):
+                    seq = tokens[b * nb + j].tolist()
+                    add_hypothesis(finished[b], nb, score / len(seq) ** length_penalty, seq)
+    return finished
+
+
+def add_hypothesis(hyps: Hypotheses, size: int, score: float, seq: list[int]) -> None:
+    """Keep the `size` best hypotheses."""
+    hyps.append((score, seq))
+    if len(hyps) > size:
+        hyps.remove(min(hyps, key=lambda h: h[0]))
