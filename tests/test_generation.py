@@ -184,3 +184,14 @@ def test_bad_prompts_raise_clear_errors():
         engine.generate([[1, 999]])
     with pytest.raises(GenerationError, match="need a tokenizer"):
         engine.generate(["text"])
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_gives_the_same_tokens():
+    model = tiny()
+    prompts = [[5, 17, 99, 3, 42, 7, 8], [200, 1]]
+    cfg = GenerationConfig(max_new_tokens=12, temperature=0)
+    eager = [c.tokens for c in Engine(model).generate(prompts, cfg)]
+    compiled = Engine(model, compile=True)
+    assert all(block.compiled_step is not None for block in model.layers)
+    assert [c.tokens for c in compiled.generate(prompts, cfg)] == eager

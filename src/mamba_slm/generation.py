@@ -207,8 +207,10 @@ class _Collector:
 class Engine:
     """Batched generation over a `HybridLM` (token ids in, `Completion`s out; text when given a tokenizer)."""
 
-    def __init__(self, model: HybridLM, tokenizer=None) -> None:
+    def __init__(self, model: HybridLM, tokenizer=None, compile: bool = False) -> None:
         self.model = model.eval()
+        if compile:  # opt-in: a compiled decode step per Mamba block (HybridLM.compile_decode)
+            model.compile_decode("reduce-overhead" if next(model.parameters()).is_cuda else None)
         self.tokenizer = tokenizer
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = pad if pad is not None else (model.config.pad_token_id or 0)
@@ -403,7 +405,9 @@ def config_from(base: GenerationConfig, **changes) -> GenerationConfig:
     return replace(base, **{k: v for k, v in changes.items() if v is not None and k in known})
 
 
-def load_engine(path: str, adapter: str | None = None, device: str | None = None) -> Engine:
+def load_engine(
+    path: str, adapter: str | None = None, device: str | None = None, compile: bool = False
+) -> Engine:
     """An engine for a model directory (its tokenizer included), with a LoRA adapter merged in if given."""
     from .checkpoint import load_model
     from .tokenizer import load_tokenizer
@@ -416,4 +420,4 @@ def load_engine(path: str, adapter: str | None = None, device: str | None = None
         model = load_model(path)
     if device:
         model = model.to(device)
-    return Engine(model, load_tokenizer(path))
+    return Engine(model, load_tokenizer(path), compile=compile)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from .cache import HybridCache
+from .linear import Linear
 
 
 def rope_inv_freq(config: ModelConfig) -> tuple[Tensor, float]:
@@ -126,10 +127,10 @@ class Attention(nn.Module):
         c = config
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.attn_head_dim
-        self.q_proj = nn.Linear(c.d_model, c.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(c.d_model, c.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(c.d_model, c.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(c.n_heads * self.head_dim, c.d_model, bias=False)
+        self.q_proj = Linear(c.d_model, c.n_heads * self.head_dim, bias=False)
+        self.k_proj = Linear(c.d_model, c.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = Linear(c.d_model, c.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = Linear(c.n_heads * self.head_dim, c.d_model, bias=False)
 
     def forward(self, hidden: Tensor, inputs: AttentionInputs, cache: HybridCache | None = None) -> Tensor:
         b, q_len, _ = hidden.shape

@@ -225,14 +225,18 @@ def ssd_chunked(
 def ssd_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
     """One recurrent step, updating `state` (b, h, p, n) in place.
 
-    x: (b, h, p), dt: (b, h), B, C: (b, g, n). Returns y (b, h, p).
+    x: (b, h, p), dt: (b, h), B, C: (b, g, n). Returns y (b, h, p). Heads are viewed as
+    (g, h/g) so B and C broadcast over their group without being repeated, and the rank-1 update
+    is one in-place addcmul: a decode step is a handful of ops and no state-sized temporaries.
     """
-    h, g = state.shape[1], B.shape[1]
-    decay = torch.exp(dt.float() * A.float()).to(state.dtype)  # (b, h)
-    Bh = B.repeat_interleave(h // g, dim=1) if g != h else B  # (b, h, n)
-    Ch = C.repeat_interleave(h // g, dim=1) if g != h else C
-    state.mul_(decay[..., None, None]).add_((x * dt[..., None].to(x.dtype))[..., None] * Bh[:, :, None, :])
-    return torch.matmul(state, Ch[..., None].to(state.dtype)).squeeze(-1).to(x.dtype)  # (b, h, p)
+    b, h, p, n = state.shape
+    g = B.shape[1]
+    grouped = state.view(b, g, h // g, p, n)
+    grouped.mul_(torch.exp(dt * A).to(state.dtype).view(b, g, h // g, 1, 1))
+    xdt = (x * dt[..., None].to(x.dtype)).to(state.dtype)  # (b, h, p)
+    grouped.addcmul_(xdt.view(b, g, h // g, p, 1), B.to(state.dtype).view(b, g, 1, 1, n))
+    y = torch.matmul(grouped, C.to(state.dtype).view(b, g, 1, n, 1))  # (b, g, h/g, p, 1)
+    return y.view(b, h, p).to(x.dtype)
 
 
 def ssd_reference(

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from .cache import MambaState
 from .fused import conv_silu, gated_rms_norm
+from .linear import Linear
 from .selective_scan import selective_scan_chunked, selective_scan_reference, selective_scan_step
 from .ssd import ssd_chunked, ssd_reference, ssd_step
 
@@ -74,9 +75,9 @@ def causal_conv_silu(x: Tensor, conv: nn.Conv1d, state: MambaState | None) -> Te
 def causal_conv_step(x: Tensor, conv: nn.Conv1d, state: MambaState) -> Tensor:
     """One conv step. x: (b, c); shifts the cached window in place."""
     window = torch.cat([state.conv, x[:, None].to(state.conv.dtype)], dim=1)  # (b, k, c)
-    out = torch.einsum("bkc,ck->bc", window, conv.weight[:, 0].to(window.dtype))
+    out = (window * conv.weight[:, 0].t().to(window.dtype)).sum(1)  # (b, c)
     if conv.bias is not None:
-        out = out + conv.bias
+        out += conv.bias
     state.conv.copy_(window[:, 1:])
     return out.to(x.dtype)
 
@@ -110,7 +111,7 @@ class Mamba2Mixer(nn.Module):
         self.conv_dim = c.d_inner + 2 * c.n_groups * c.d_state
         self.dt_min, self.dt_max = c.dt_min, c.dt_max
         self.scan_impl = "chunked"
-        self.in_proj = nn.Linear(c.d_model, c.d_inner + self.conv_dim + self.n_heads, bias=False)
+        self.in_proj = Linear(c.d_model, c.d_inner + self.conv_dim + self.n_heads, bias=False)
         self.conv1d = nn.Conv1d(
             self.conv_dim, self.conv_dim, c.d_conv, groups=self.conv_dim, padding=c.d_conv - 1
         )
@@ -118,7 +119,7 @@ class Mamba2Mixer(nn.Module):
         self.A_log = nn.Parameter(torch.zeros(self.n_heads))
         self.D = nn.Parameter(torch.ones(self.n_heads))
         self.norm = GatedRMSNorm(c.d_inner, c.n_groups, c.norm_eps)
-        self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=False)
+        self.out_proj = Linear(c.d_inner, c.d_model, bias=False)
         self.init_ssm_parameters()
 
     @torch.no_grad()
@@ -160,7 +161,7 @@ class Mamba2Mixer(nn.Module):
         else:
             y, final = ssd_chunked(x, dt, A, B, C, self.chunk_size, initial)
         if state is not None:
-            state.ssm = final.to(state.ssm.dtype)
+            state.ssm.copy_(final)  # into the contiguous buffer: the step updates it in place
         y = torch.addcmul(y, x, self.D[:, None].to(x.dtype))
         y = self.norm(y.reshape(b, seqlen, self.d_inner), z)
         return self.out_proj(y)
@@ -219,13 +220,13 @@ class Mamba1Mixer(nn.Module):
         )
         self.dt_min, self.dt_max = c.dt_min, c.dt_max
         self.scan_impl = "chunked"
-        self.in_proj = nn.Linear(c.d_model, 2 * c.d_inner, bias=False)
+        self.in_proj = Linear(c.d_model, 2 * c.d_inner, bias=False)
         self.conv1d = nn.Conv1d(c.d_inner, c.d_inner, c.d_conv, groups=c.d_inner, padding=c.d_conv - 1)
-        self.x_proj = nn.Linear(c.d_inner, c.dt_rank + 2 * c.d_state, bias=False)
-        self.dt_proj = nn.Linear(c.dt_rank, c.d_inner, bias=True)
+        self.x_proj = Linear(c.d_inner, c.dt_rank + 2 * c.d_state, bias=False)
+        self.dt_proj = Linear(c.dt_rank, c.d_inner, bias=True)
         self.A_log = nn.Parameter(torch.zeros(c.d_inner, c.d_state))
         self.D = nn.Parameter(torch.ones(c.d_inner))
-        self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=False)
+        self.out_proj = Linear(c.d_inner, c.d_model, bias=False)
         self.init_ssm_parameters()
 
     @torch.no_grad()
@@ -261,7 +262,7 @@ class Mamba1Mixer(nn.Module):
         else:
             y, final = selective_scan_chunked(x, dt, A, B, C, self.chunk_size, initial)
         if state is not None:
-            state.ssm = final.to(state.ssm.dtype)
+            state.ssm.copy_(final)  # into the contiguous buffer: the step updates it in place
         y = (y + x * self.D.to(x.dtype)) * F.silu(z)
         return self.out_proj(y)
 

@@ -1,0 +1,159 @@
+"""Generation speed: our engine against transformers' `generate`, in one run, same weights.
+
+    python benchmarks/generation_speed.py [--write docs/benchmarks.md] [--new-tokens 128]
+
+Models: the ~30M benchmark size of benchmarks/model_speed.py (vocab 8192, d_model 512, 8 layers,
+2 of them attention for the hybrid). Measured, fp32, batch 1 greedy, 128 new tokens after an
+8-token prompt (prefill included, as the seed's benchmark counts it):
+  * our `Engine`;
+  * our model through transformers' `generate` (`hf.py`, the very same weights);
+  * HF `LlamaForCausalLM` `generate` at the same size;
+and, for our engine, per-token latency at context positions 128 / 1k / 4k, decode throughput at
+batch 1 / 4 / 16, and the memory-bandwidth bound of batch-1 decode (weight bytes read per token
+over this machine's measured read bandwidth). Rounds are interleaved and the best round kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from mamba_slm.bench import decode_seconds_per_step, random_prompt  # noqa: E402
+from mamba_slm.generation import Engine, GenerationConfig  # noqa: E402
+from mamba_slm.hf import MambaSLMForCausalLM  # noqa: E402
+from mamba_slm.runtime import tune_cpu_allocator  # noqa: E402
+from model_speed import build, max_rss_mb, write_section  # noqa: E402
+
+PROMPTS = 5
+
+
+def read_bandwidth_gbs(mb: int = 512) -> float:
+    """Best of 5 full reads (a sum) of a buffer far larger than the caches."""
+    x = torch.ones(mb * 2**20 // 4)
+    x.sum()
+    best = min(_timed(x.sum) for _ in range(5))
+    return x.numel() * 4 / best / 1e9
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of the weights a decode step reads: everything but the embedding table (one row is
+    read), unless the table is also the (tied) LM head."""
+    params = {id(p): p for p in model.parameters()}
+    total = sum(p.numel() * p.element_size() for p in params.values())
+    embed = model.embed_tokens.weight
+    tied = model.lm_head.weight is embed
+    return total if tied else total - embed.numel() * embed.element_size()
+
+
+def greedy_tok_s(generate_fn, prompts: list[list[int]], new_tokens: int) -> float:
+    """Average tokens/s over the prompts (each call: prefill + new_tokens greedy steps)."""
+    return sum(new_tokens / _timed(lambda p=p: generate_fn(p)) for p in prompts) / len(prompts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--write", type=Path, help="update this markdown file's section")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    tune_cpu_allocator()
+    torch.manual_seed(0)
+    n = args.new_tokens
+    ours = build("ours").eval()
+    engine = Engine(ours)
+    ours_hf = MambaSLMForCausalLM.from_core(ours).eval()
+    llama = build("llama").eval()
+    prompts = [random_prompt(engine, 8, seed=i)[0] for i in range(PROMPTS)]
+    config = GenerationConfig(max_new_tokens=n, temperature=0)
+
+    def hf_generate(model):
+        def run(prompt):
+            with torch.inference_mode():
+                model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                               pad_token_id=0, eos_token_id=None)  # fmt: skip
+
+        return run
+
+    compiled = Engine(
+        build("ours").eval(), compile=True
+    )  # the same weights (same seed), compiled decode step
+    compiled.model.load_state_dict(ours.state_dict())
+    runners = {
+        "ours": lambda p: engine.generate([p], config),
+        "ours_compiled": lambda p: compiled.generate([p], config),
+        "ours_hf": hf_generate(ours_hf),
+        "llama": hf_generate(llama),
+    }
+    speeds: dict[str, float] = {}
+    for run in runners.values():  # warm-up
+        run(prompts[0])
+    for _ in range(args.rounds):
+        for name, run in runners.items():
+            speeds[name] = max(speeds.get(name, 0.0), greedy_tok_s(run, prompts, n))
+        print({k: round(v, 1) for k, v in speeds.items()}, flush=True)
+
+    compiled_latency = {
+        pos: decode_seconds_per_step(compiled, random_prompt(engine, pos), 32, 3) for pos in (128, 4096)
+    }
+    compiled_batch = {
+        b: b / decode_seconds_per_step(compiled, random_prompt(engine, 32, b), 32, 3) for b in (1, 16)
+    }
+    latency = {
+        pos: decode_seconds_per_step(engine, random_prompt(engine, pos), 32, 3) for pos in (128, 1024, 4096)
+    }
+    batch = {b: b / decode_seconds_per_step(engine, random_prompt(engine, 32, b), 32, 3) for b in (1, 4, 16)}
+    bandwidth = read_bandwidth_gbs()
+    wbytes = weight_bytes_per_token(ours)
+    bound = bandwidth * 1e9 / wbytes
+    step_ms = 1000 * latency[128]
+    body = "\n".join([
+        f"Machine: {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}; fp32, "
+        f"batch 1 greedy, {n} new tokens after an 8-token prompt, {PROMPTS} prompts, best of {args.rounds} rounds.",
+        "",
+        "| generator | tokens/s | ours vs it |",
+        "|---|---|---|",
+        f"| mamba-slm `Engine` | {speeds['ours']:.1f} | 1.00x |",
+        f"| mamba-slm `Engine(compile=True)` (compiled decode step) | {speeds['ours_compiled']:.1f} | "
+        f"{speeds['ours'] / speeds['ours_compiled']:.2f}x |",
+        f"| our model through transformers `generate` (same weights) | {speeds['ours_hf']:.1f} | "
+        f"{speeds['ours'] / speeds['ours_hf']:.2f}x |",
+        f"| HF Llama `generate` (same size) | {speeds['llama']:.1f} | {speeds['llama'] and speeds['ours'] / speeds['llama']:.2f}x |",
+        "",
+        "Our engine, decode only (prefill excluded):",
+        "",
+        "| per-token latency at context 128 / 1k / 4k | 4k vs 128 | batch 1 / 4 / 16 tokens/s | batch 16 vs 1 |",
+        "|---|---|---|---|",
+        f"| {' / '.join(f'{1000 * latency[p]:.2f} ms' for p in latency)} | {latency[4096] / latency[128]:.2f}x | "
+        f"{' / '.join(f'{batch[b]:.0f}' for b in batch)} | {batch[16] / batch[1]:.2f}x |",
+        f"| compiled: {1000 * compiled_latency[128]:.2f} ms / - / {1000 * compiled_latency[4096]:.2f} ms | "
+        f"{compiled_latency[4096] / compiled_latency[128]:.2f}x | {compiled_batch[1]:.0f} / - / {compiled_batch[16]:.0f} | "
+        f"{compiled_batch[16] / compiled_batch[1]:.2f}x |",
+        "",
+        f"Memory-bandwidth bound of batch-1 decode: {wbytes / 1e6:.1f} MB of weights read per token / "
+        f"{bandwidth:.1f} GB/s measured read bandwidth = {bound:.0f} tokens/s ({1000 / bound:.2f} ms/token); "
+        f"our decode step takes {step_ms:.2f} ms at context 128 ({100 * (1000 / bound) / step_ms:.0f}% of the bound's speed), "
+        f"compiled {1000 * compiled_latency[128]:.2f} ms ({100 * (1000 / bound) / (1000 * compiled_latency[128]):.0f}%). "
+        f"Peak RSS of this run: {max_rss_mb():.0f} MB.",
+        "",
+    ])  # fmt: skip
+    print(body)
+    if args.write:
+        write_section(args.write, "Generation speed", "make bench (benchmarks/generation_speed.py)", body)
+
+
+if __name__ == "__main__":
+    main()
