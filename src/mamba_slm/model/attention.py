@@ -133,19 +133,38 @@ class Attention(nn.Module):
         self.o_proj = Linear(c.n_heads * self.head_dim, c.d_model, bias=False)
 
     def forward(self, hidden: Tensor, inputs: AttentionInputs, cache: HybridCache | None = None) -> Tensor:
+        q, k, v = self.project(hidden, inputs.cos, inputs.sin)
+        return self.o_proj(self.attend(q, k, v, inputs, cache))
+
+    def project(
+        self, hidden: Tensor, cos: Tensor | None, sin: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys and values (b, heads, l, hd), rotated by RoPE when cos/sin (b, l, hd) are given."""
         b, q_len, _ = hidden.shape
         q = self.q_proj(hidden).view(b, q_len, self.n_heads, self.head_dim)
         k = self.k_proj(hidden).view(b, q_len, self.n_kv_heads, self.head_dim)
         v = self.v_proj(hidden).view(b, q_len, self.n_kv_heads, self.head_dim)
-        if inputs.cos is not None:
-            cos, sin = inputs.cos[:, :, None], inputs.sin[:, :, None]  # (b, l, 1, hd)
+        if cos is not None:
+            cos, sin = cos[:, :, None], sin[:, :, None]  # (b, l, 1, hd)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (b, heads, l, hd)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs, cache: HybridCache | None
+    ) -> Tensor:
+        """Attention of the new queries over the cached and new keys. Returns (b, l, heads * hd)."""
+        b, _, q_len, _ = q.shape
         if cache is not None:
             k, v = cache.append_kv(self.layer_idx, k, v)  # (b, hkv, T, hd)
-        if self.n_kv_heads != self.n_heads:
-            repeat = self.n_heads // self.n_kv_heads
+        repeat = self.n_heads // self.n_kv_heads
+        if repeat > 1 and q_len == 1 and (inputs.mask is None or inputs.mask.shape[1] == 1):
+            # One query per head: a KV head's `repeat` query heads are `repeat` queries against it,
+            # so GQA decode reads each cached key once instead of copying the cache `repeat` times.
+            q = q.view(b, self.n_kv_heads, repeat, self.head_dim)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.mask)  # (b, hkv, repeat, hd)
+            return out.reshape(b, 1, self.n_heads * self.head_dim)
+        if repeat > 1:
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.mask, is_causal=inputs.is_causal)
-        return self.o_proj(out.transpose(1, 2).reshape(b, q_len, self.n_heads * self.head_dim))
+        return out.transpose(1, 2).reshape(b, q_len, self.n_heads * self.head_dim)
