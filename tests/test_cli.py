@@ -92,11 +92,18 @@ def test_demo_end_to_end_on_a_small_corpus(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(f"ROMEO:\nShe speaks {i} times, yet she says nothing." for i in range(200)))
     out = tmp_path / "demo"
+    chat = tmp_path / "chat.jsonl"  # a local stand-in for the built-in ChatterBot conversations
+    chat.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"Who speaks {i} times?"},
+                                                       {"role": "assistant", "content": "Romeo."}]})
+                              for i in range(30)))  # fmt: skip
     args = ["demo", "--dataset", str(corpus), "--output-dir", str(out), "--preset", "tiny", "--vocab-size", "300",
-            "--max-steps", "30", "--batch-size", "8", "--eval-blocks", "10"]  # fmt: skip
+            "--max-steps", "30", "--batch-size", "8", "--eval-blocks", "10", "--chat-steps", "4",
+            "--chat-dataset", str(chat)]  # fmt: skip
     assert main(args) == 0
     report = (out / "report.md").read_text()
     assert "held-out perplexity" in report and "## Samples" in report
+    assert "## Chat fine-tuning (LoRA)" in report and "**User:** Who speaks" in report
+    assert (out / "chat-lora" / "adapter_model.safetensors").exists()
     assert (out / "model" / "model.safetensors").exists() and (out / "tokenizer" / "tokenizer.json").exists()
 
 
@@ -106,3 +113,48 @@ def test_demo_into_an_unwritable_place_is_one_line(tmp_path):
     result = run("demo", "--output-dir", str(blocker / "demo"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "cannot create the output directory" in result.stderr.strip().splitlines()[-1]
+
+
+def test_generate_json_prompt_file_and_stream(tiny_model_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "To be"}\n\n{"prompt": "Café"}\n')
+    args = ["generate", "--model", str(tiny_model_dir), "--max-new-tokens", "6", "--temperature", "0"]
+    assert main([*args, "--prompt-file", str(prompts), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [c["prompt"] for c in out["completions"]] == ["To be", "Café"]
+    assert all(len(c["tokens"]) == 6 and c["finish_reason"] == "length" for c in out["completions"])
+    assert main([*args, "--prompt", "To be", "--stream"]) == 0
+    streamed = capsys.readouterr().out.splitlines()[0]
+    assert streamed == "To be" + out["completions"][0]["text"].split("\n")[0]
+    assert main([*args, "--prompt", "To be", "--num-beams", "3", "-n", "2", "--json"]) == 0
+    beams = json.loads(capsys.readouterr().out)["completions"]
+    assert len(beams) == 2 and beams[0]["score"] >= beams[1]["score"]
+
+
+def test_generate_and_bench_bad_input_is_one_line(tiny_model_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "no prompt field"}\n')
+    cases = [
+        (["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"], "no such model directory"),
+        (["generate", "--model", str(tiny_model_dir), "--prompt-file", str(bad)], "bad.jsonl:1"),
+        (["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--top-p", "0"], "top_p"),
+        (
+            ["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--stream", "--num-beams", "2"],
+            "--stream",
+        ),
+    ]
+    for argv, message in cases:
+        result = run(*argv)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_bench_reports_every_measurement(tiny_model_dir):
+    result = run("bench", "--model", str(tiny_model_dir), "--max-new-tokens", "8", "--positions", "16,64",
+                 "--batch-sizes", "1,4", "--compare", "hf", "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert len(report["seed_benchmark"]["runs"]) == 5 and report["seed_benchmark"]["peak_tokens_per_s"] > 0
+    assert set(report["latency_ms"]) == {"16", "64"} and set(report["decode_tokens_per_s"]) == {"1", "4"}
+    assert report["prefill"]["time_to_first_token_ms"] > 0 and report["peak_memory_mb"] > 0
+    assert report["transformers_generate"]["speedup"] > 0

@@ -7,16 +7,22 @@ and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .data import DataError, DataSpec, load_corpus
+from .finetune import FinetuneError
+from .generation import GenerationError
 from .tokenizer import TokenizerError, load_tokenizer, train_tokenizer
 from .train import TrainError
 
-USER_ERRORS = (DataError, TokenizerError, ConfigError, CheckpointError, TrainError)
+USER_ERRORS = (DataError, TokenizerError, ConfigError, CheckpointError, TrainError, FinetuneError,
+               GenerationError)  # fmt: skip
 MODEL_FIELDS = ("d_model", "n_layers", "layer_pattern", "attn_ratio", "mixer", "d_state", "head_dim", "n_heads",
                 "n_kv_heads", "d_intermediate", "chunk_size", "pos_encoding", "sliding_window")  # fmt: skip
 
@@ -117,12 +123,163 @@ def cmd_train(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from .finetune import FinetuneArgs, run_finetune
+    from .train import TrainArgs
+
+    lora = args.use_lora or args.qlora
+    default_lr = 2e-4 if lora else 5e-5
+    train_args = TrainArgs(
+        output_dir=args.output_dir, max_steps=args.max_steps, num_train_epochs=args.num_train_epochs,
+        batch_size=args.batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
+        learning_rate=default_lr if args.learning_rate is None else args.learning_rate, warmup_steps=args.warmup_steps,
+        weight_decay=0.0 if lora else 0.1, mixed_precision=args.mixed_precision,
+        gradient_checkpointing=args.gradient_checkpointing, logging_steps=args.logging_steps, eval_steps=args.eval_steps,
+        save_steps=args.save_steps, save_total_limit=args.save_total_limit, seed=args.seed, resume=args.resume,
+    )  # fmt: skip
+    targets = (
+        [t.strip() for t in args.target_modules.split(",") if t.strip()] if args.target_modules else None
+    )
+    summary = run_finetune(FinetuneArgs(
+        base=args.base, train=train_args, dataset=args.dataset, chat=args.chat, tokenizer=args.tokenizer,
+        text_field=args.text_field, max_samples=args.max_samples, validation_split=args.validation_split,
+        max_length=args.max_length, use_lora=args.use_lora, qlora=args.qlora, lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=targets, merge=args.merge,
+        train_embeddings=args.train_embeddings,
+    ))  # fmt: skip
+    kind = "adapter" if lora else "model"
+    print(f"done at step {summary['step']}; {kind} in {args.output_dir}"
+          + (f", merged model in {summary['merged_dir']}" if summary["merged_dir"] else ""))  # fmt: skip
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import DemoArgs, run_demo
 
     run_demo(DemoArgs(output_dir=args.output_dir, dataset=args.dataset, max_steps=args.max_steps,
                       preset=args.preset, vocab_size=args.vocab_size, batch_size=args.batch_size,
-                      eval_blocks=args.eval_blocks))  # fmt: skip
+                      eval_blocks=args.eval_blocks, chat_steps=args.chat_steps,
+                      chat_dataset=args.chat_dataset))  # fmt: skip
+
+
+def add_generation_args(p: argparse.ArgumentParser, temperature: float, max_new_tokens: int) -> None:
+    p.add_argument("--model", required=True, help="model directory (weights, config, tokenizer)")
+    p.add_argument("--adapter", help="a LoRA adapter directory to apply to the model")
+    p.add_argument("--max-new-tokens", "--max-length", dest="max_new_tokens", type=int, default=max_new_tokens,
+                   help="tokens to generate (--max-length is the seed's name for it)")  # fmt: skip
+    p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.9 if temperature else 1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off; the candidate count for contrastive search")
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--num-beams", type=int, default=1, help="> 1: beam search")
+    p.add_argument("--length-penalty", type=float, default=1.0)
+    p.add_argument("--penalty-alpha", type=float, default=0.0, help="> 0: contrastive search")
+    p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cpu)")
+    p.add_argument(
+        "--compile", action="store_true", help="compile the decode step (a few seconds; faster decoding)"
+    )
+
+
+def generation_config(engine, args: argparse.Namespace, **extra):
+    top_k = args.top_k or (4 if args.penalty_alpha > 0 else 0)  # contrastive search's usual 4 candidates
+    return engine.default_config(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=top_k,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty, num_beams=args.num_beams,
+        length_penalty=args.length_penalty, penalty_alpha=args.penalty_alpha, stop_strings=tuple(args.stop),
+        seed=args.seed, **extra,
+    )  # fmt: skip
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompt_file:
+        path = Path(args.prompt_file)
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise GenerationError(f"{path}: cannot read the prompt file ({e})") from None
+        for n, line in enumerate(lines, 1):
+            if path.suffix == ".jsonl" and line.strip():
+                try:
+                    prompts.append(json.loads(line)["prompt"])
+                except (ValueError, KeyError, TypeError):
+                    raise GenerationError(
+                        f'{path}:{n}: expected a JSON object with a "prompt" string'
+                    ) from None
+            elif line.strip():
+                prompts.append(line)
+    if not prompts:
+        raise GenerationError("--prompt: give at least one prompt (or --prompt-file)")
+    return prompts
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from .generation import load_engine
+
+    engine = load_engine(args.model, args.adapter, args.device, args.compile)
+    prompts = read_prompts(args)
+    config = generation_config(engine, args, num_return_sequences=args.num_return_sequences)
+    start = time.perf_counter()
+    if args.stream:
+        if len(prompts) > 1 or config.num_return_sequences > 1 or config.num_beams > 1:
+            raise GenerationError("--stream: one prompt and one sequence, without beam search")
+        print(prompts[0], end="", flush=True)
+        for delta in engine.stream(prompts[0], config):
+            print(delta, end="", flush=True)
+        print()
+        completions = [engine.last_completion]
+    else:
+        completions = engine.generate(prompts, config)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(c.tokens) for c in completions)
+    if args.json:
+        results = [{"prompt": prompts[c.prompt_index], "text": c.text, "tokens": c.tokens, "finish_reason": c.finish_reason,
+                    "score": c.score} for c in completions]  # fmt: skip
+        print(json.dumps({"completions": results, "seconds": round(seconds, 4),
+                          "tokens_per_second": round(tokens / seconds, 2)}, ensure_ascii=False))  # fmt: skip
+        return
+    if not args.stream:
+        for c in completions:
+            print(f"Prompt: {prompts[c.prompt_index]}\n\nGenerated:\n{prompts[c.prompt_index]}{c.text}")
+            print(f"({len(c.tokens)} tokens generated, {c.finish_reason})\n")
+    print(f"Generation time: {seconds:.2f}s\nTokens: {tokens}\nSpeed: {tokens / seconds:.1f} tokens/s")
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from .chat import ChatSession, is_chat_model, run_chat
+    from .generation import load_engine
+
+    engine = load_engine(args.model, args.adapter, args.device, args.compile)
+    template = args.template
+    if template == "auto":
+        chat = is_chat_model(args.model) or (args.adapter is not None and is_chat_model(args.adapter))
+        template = "chat" if chat and engine.tokenizer.chat_template else "plain"
+    session = ChatSession(engine, generation_config(engine, args), args.system, template,
+                          engine.model.config.max_position_embeddings)  # fmt: skip
+    run_chat(session)
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from .bench import BenchArgs, format_report, run_bench
+    from .generation import load_engine
+
+    engine = load_engine(args.model, args.adapter, args.device, args.compile)
+    bench_args = BenchArgs(max_new_tokens=args.max_new_tokens, positions=args.positions,
+                           batch_sizes=args.batch_sizes, compare_hf=args.compare == "hf")  # fmt: skip
+    report = run_bench(engine, bench_args)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,6 +342,68 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.set_defaults(func=cmd_train)
 
+    ft = commands.add_parser("finetune", help="fine-tune a model: LoRA/QLoRA or full, text or chat SFT")
+    ft.add_argument("--base", required=True, help="the pre-trained model directory")
+    ft.add_argument("--output-dir", required=True)
+    ft.add_argument("--dataset", help="chat: chatterbot (default), .jsonl/.json/.yml; text: as for train")
+    ft.add_argument("--chat", action="store_true", help="conversations, loss on assistant tokens only")
+    ft.add_argument("--tokenizer", help="default: the base directory's tokenizer")
+    ft.add_argument("--text-field", default="text")
+    ft.add_argument("--max-samples", type=int)
+    ft.add_argument("--validation-split", type=float, default=0.1, help="fraction held out for evaluation")
+    ft.add_argument("--max-length", type=int, default=512, help="tokens per conversation / text block")
+    ft.add_argument("--use-lora", action="store_true", help="train a LoRA adapter (default: full)")
+    ft.add_argument("--qlora", action="store_true", help="LoRA on a 4-bit NF4 base (CUDA + bitsandbytes)")
+    ft.add_argument("--lora-r", type=int, default=8)
+    ft.add_argument("--lora-alpha", type=float, default=16.0)
+    ft.add_argument("--lora-dropout", type=float, default=0.05)
+    ft.add_argument("--target-modules", help="comma-separated; default: Mamba, attention and MLP projections")
+    ft.add_argument("--merge", action="store_true", help="also write OUTPUT_DIR/merged (a full model)")
+    ft.add_argument("--train-embeddings", action="store_true", help="LoRA: also train the token embeddings")
+    for flag, kind, default in (("--batch-size", int, 8), ("--gradient-accumulation-steps", int, 1),
+                                ("--learning-rate", float, None), ("--warmup-steps", int, 20), ("--max-steps", int, None),
+                                ("--num-train-epochs", float, 1.0), ("--logging-steps", int, 10),
+                                ("--eval-steps", int, 100), ("--save-steps", int, 500), ("--save-total-limit", int, 2),
+                                ("--seed", int, 0)):  # fmt: skip
+        ft.add_argument(flag, type=kind, default=default)
+    precision = ft.add_mutually_exclusive_group()
+    precision.add_argument("--bf16", dest="mixed_precision", action="store_const", const="bf16")
+    precision.add_argument("--fp16", dest="mixed_precision", action="store_const", const="fp16")
+    ft.set_defaults(mixed_precision="no", func=cmd_finetune)
+    ft.add_argument("--gradient-checkpointing", action="store_true")
+    ft.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+
+    gen = commands.add_parser("generate", help="generate text from prompts")
+    add_generation_args(gen, temperature=0.8, max_new_tokens=64)
+    gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    gen.add_argument("--prompt-file", help='prompts, one per line (or JSONL with a "prompt" field)')
+    gen.add_argument("-n", "--num-return-sequences", type=int, default=1, help="samples per prompt")
+    gen.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    gen.add_argument("--json", action="store_true", help="print one JSON object with every completion")
+    gen.set_defaults(func=cmd_generate)
+
+    chat = commands.add_parser("chat", help="chat with a model in the terminal")
+    add_generation_args(chat, temperature=0.8, max_new_tokens=256)
+    chat.add_argument("--system", help="system prompt")
+    chat.add_argument("--template", choices=["auto", "chat", "plain"], default="auto",
+                      help="chat: the tokenizer's chat template; plain: text continuation; auto: chat if chat-tuned")  # fmt: skip
+    chat.set_defaults(func=cmd_chat)
+
+    bench = commands.add_parser("bench", help="generation speed: tokens/s, latency, batch throughput, memory")
+    bench.add_argument("--model", required=True)
+    bench.add_argument("--adapter")
+    bench.add_argument("--device")
+    bench.add_argument("--compile", action="store_true", help="compile the decode step first")
+    bench.add_argument("--max-new-tokens", type=int, default=100)
+    bench.add_argument("--positions", type=int_list, default=(128, 1024, 4096),
+                       help="context positions for per-token latency")  # fmt: skip
+    bench.add_argument("--batch-sizes", type=int_list, default=(1, 4, 16))
+    bench.add_argument(
+        "--compare", choices=["hf"], help="hf: also run transformers' generate on the same weights"
+    )
+    bench.add_argument("--json", action="store_true")
+    bench.set_defaults(func=cmd_bench)
+
     demo = commands.add_parser("demo", help="the whole workflow on the built-in corpus (make demo)")
     demo.add_argument("--output-dir", default="runs/demo")
     demo.add_argument("--dataset", default="shakespeare")
@@ -193,6 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch-size", type=int, default=16)
     demo.add_argument("--max-steps", type=int, default=260)
     demo.add_argument("--eval-blocks", type=int, default=200)
+    demo.add_argument("--chat-steps", type=int, default=200, help="LoRA chat fine-tuning steps (0: skip)")
+    demo.add_argument("--chat-dataset", default="chatterbot", help="conversations for the chat fine-tuning")
     demo.set_defaults(func=cmd_demo)
     return parser
 

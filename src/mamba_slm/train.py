@@ -10,6 +10,8 @@ Choices:
     to a temporary directory and renamed into place, so a crash (even `kill -9`) leaves the
     previous checkpoint intact; only the last `save_total_limit` are kept.
   * The loss is computed without materialising the logits (`return_logits=False`).
+  * An example is a token block or an (input_ids, labels) pair (chat SFT), right-padded; the
+    `_save_weights` / `_load_weights` / `_save_model` hooks let fine-tuning save a PEFT adapter.
 """
 
 from __future__ import annotations
@@ -121,13 +123,26 @@ def collate(blocks: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
+Example = list[int] | tuple[list[int], list[int]]  # a block, or (input_ids, labels) with -100 = no loss
+
+
+def collate_examples(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad blocks or (input_ids, labels) pairs: input_ids, attention_mask, labels (b, longest)."""
+    pairs = [e if isinstance(e, tuple) else (e, e) for e in examples]
+    ids, mask = collate([p[0] for p in pairs], pad_id)
+    labels = torch.full_like(ids, -100)
+    for i, (_, lab) in enumerate(pairs):
+        labels[i, : len(lab)] = torch.tensor(lab)
+    return ids, mask, labels
+
+
 def latest_checkpoint(output_dir: Path) -> Path | None:
     found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
     return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
 
 
 class Trainer:
-    def __init__(self, model: HybridLM, train_blocks: list[list[int]], val_blocks: list[list[int]], args: TrainArgs,
+    def __init__(self, model: HybridLM, train_blocks: list[Example], val_blocks: list[Example], args: TrainArgs,
                  pad_id: int = 0, tokenizer: Any = None) -> None:  # fmt: skip
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
@@ -166,8 +181,9 @@ class Trainer:
         self.micro_per_epoch = per_epoch
         steps_per_epoch = max(1, per_epoch // args.gradient_accumulation_steps)
         self.total_steps = args.max_steps or max(1, int(args.num_train_epochs * steps_per_epoch))
-        decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-        no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+        trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapter only
+        decay = [p for p in trainable if p.dim() >= 2]
+        no_decay = [p for p in trainable if p.dim() < 2]
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=args.learning_rate, betas=(0.9, 0.95),
@@ -215,9 +231,9 @@ class Trainer:
         while self.state["step"] < self.total_steps:
             loss_sum, tokens = 0.0, 0
             for _ in range(args.gradient_accumulation_steps):
-                ids, mask = self._next_batch()
+                ids, mask, labels = self._next_batch()
                 with acc.autocast():
-                    out = self.forward(ids, attention_mask=mask, labels=ids, return_logits=False)
+                    out = self.forward(ids, attention_mask=mask, labels=labels, return_logits=False)
                 acc.backward(out.loss / args.gradient_accumulation_steps)
                 loss_sum += out.loss.item() / args.gradient_accumulation_steps
                 tokens += int(mask.sum())
@@ -251,7 +267,7 @@ class Trainer:
         bar.close()
         return self._finish()
 
-    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         acc = self.accelerator
         if self.state["micro"] >= self.micro_per_epoch:
             self.state["epoch"] += 1
@@ -262,8 +278,8 @@ class Trainer:
                                                         self.args.seed, acc.process_index, acc.num_processes))  # fmt: skip
         chosen = self._epoch_batches[1][self.state["micro"]]
         self.state["micro"] += 1
-        ids, mask = collate([self.train_blocks[i] for i in chosen], self.pad_id)
-        return ids.to(acc.device), mask.to(acc.device)
+        ids, mask, labels = collate_examples([self.train_blocks[i] for i in chosen], self.pad_id)
+        return ids.to(acc.device), mask.to(acc.device), labels.to(acc.device)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -275,11 +291,11 @@ class Trainer:
         for start in range(
             0, min(len(blocks), self.args.eval_batches * self.args.batch_size), self.args.batch_size
         ):
-            ids, mask = collate(blocks[start : start + self.args.batch_size], self.pad_id)
-            ids, mask = ids.to(acc.device), mask.to(acc.device)
+            ids, mask, labels = collate_examples(blocks[start : start + self.args.batch_size], self.pad_id)
+            ids, mask, labels = ids.to(acc.device), mask.to(acc.device), labels.to(acc.device)
             with acc.autocast():
-                loss = self.core(ids, attention_mask=mask, labels=ids, return_logits=False).loss
-            n = float((mask[:, 1:] & mask[:, :-1]).sum())
+                loss = self.core(ids, attention_mask=mask, labels=labels, return_logits=False).loss
+            n = float((HybridLM.shift_labels(labels, mask.bool()) != -100).sum())  # the loss's targets
             total += torch.tensor([loss.item() * n, n], device=acc.device)
         total = acc.reduce(total, reduction="sum")
         self.model.train()
@@ -330,7 +346,7 @@ class Trainer:
             return None
         tmp = self.output_dir / f".tmp-{final.name}"
         shutil.rmtree(tmp, ignore_errors=True)
-        save_model(self.core, tmp)
+        self._save_weights(tmp)
         torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -352,8 +368,7 @@ class Trainer:
                 f"{self.output_dir}: --resume, but there is no checkpoint-N directory to resume from"
             )
         try:
-            saved = load_model(ckpt)
-            self.core.load_state_dict(saved.state_dict())
+            self._load_weights(ckpt)
             self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
             rng = torch.load(ckpt / "rng.pt", weights_only=True)
             meta = json.loads((ckpt / "trainer_state.json").read_text())
@@ -371,6 +386,12 @@ class Trainer:
         log_file = self.output_dir / "training_log.jsonl"
         if self.accelerator.is_main_process:  # drop lines written after the checkpoint
             log_file.write_text("".join(json.dumps(e) + "\n" for e in self.log))
+
+    def _save_weights(self, path: Path) -> None:
+        save_model(self.core, path)
+
+    def _load_weights(self, ckpt: Path) -> None:
+        self.core.load_state_dict(load_model(ckpt).state_dict())
 
     # ------------------------------------------------------------------ output
     def _save_model(self, path: Path) -> None:
