@@ -2,6 +2,7 @@
 survives Ctrl-C; the session trims history to the context and renders the chat template."""
 
 import sys
+import time
 
 import pexpect
 import pytest
@@ -49,6 +50,7 @@ def test_ctrl_c_stops_the_reply_not_the_program(tiny_model_dir):
     child.expect(r"\[stopped\]")
     child.expect("you> ")
     assert "(2 messages)" in ask(child, "/history")  # the partial reply stays in the history
+    time.sleep(0.5)  # let the child block in input(): a SIGINT just before its read() waits for the next line
     child.sendintr()  # at the prompt: a hint, not an exit
     child.expect("/exit to quit")
     child.expect("you> ")
