@@ -78,6 +78,9 @@ class ChatSession:
 
 
 def run_chat(session: ChatSession, read: Callable[[str], str] = input, out: TextIO = sys.stdout) -> None:
+    # An interactive chat relies on Ctrl-C even when started from a shell that ignores SIGINT
+    # (background jobs of non-interactive shells do), which Python would otherwise inherit.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     out.write(f"mamba-slm chat ({session.template} mode). {HELP}\n")
     out.flush()
     while True:
