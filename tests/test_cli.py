@@ -139,6 +139,10 @@ def test_generate_and_bench_bad_input_is_one_line(tiny_model_dir, tmp_path):
         (["generate", "--model", str(tiny_model_dir), "--prompt-file", str(bad)], "bad.jsonl:1"),
         (["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--top-p", "0"], "top_p"),
         (
+            ["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--device", "nonsense"],
+            "--device nonsense",
+        ),
+        (
             ["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--stream", "--num-beams", "2"],
             "--stream",
         ),

@@ -419,5 +419,14 @@ def load_engine(
     else:
         model = load_model(path)
     if device:
-        model = model.to(device)
+        try:
+            model = model.to(device)
+        except (
+            RuntimeError,
+            AssertionError,
+            ValueError,
+        ) as e:  # no such device, torch without CUDA, bad name
+            raise GenerationError(
+                f"--device {device}: not usable here ({str(e).splitlines()[0][:120]})"
+            ) from None
     return Engine(model, load_tokenizer(path), compile=compile)
