@@ -114,6 +114,16 @@ def test_engine_samples_only_top_k_tokens_of_the_full_forward():
         assert (top2 == torch.tensor(completion.tokens)[:, None]).any(-1).all()
 
 
+def test_repetition_penalty_sees_a_prompt_token_that_equals_the_padding_id():
+    model, cfg = tiny(), GenerationConfig(max_new_tokens=8, temperature=0, repetition_penalty=50.0)
+    engine = Engine(model)
+    greedy = engine.generate([[3, 1, 4]], GenerationConfig(max_new_tokens=1, temperature=0))[0].tokens[0]
+    engine.pad_id = greedy  # the short row's padding uses the very id its prompt contains
+    rows = engine.generate([[3, 1, 4, 1, 5, 9], [greedy, 4]], cfg)
+    assert greedy not in rows[1].tokens  # penalised as seen in the prompt, whatever the padding did
+    assert rows[1].tokens == Engine(model).generate([[greedy, 4]], cfg)[0].tokens
+
+
 def test_repetition_penalty_changes_greedy_output_toward_new_tokens():
     model = tiny()
     plain = Engine(model).generate([[7, 7, 7]], GenerationConfig(max_new_tokens=30, temperature=0))[0]

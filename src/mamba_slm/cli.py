@@ -256,6 +256,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
     if template == "auto":
         chat = is_chat_model(args.model) or (args.adapter is not None and is_chat_model(args.adapter))
         template = "chat" if chat and engine.tokenizer.chat_template else "plain"
+    if template == "chat" and not engine.tokenizer.chat_template:
+        raise GenerationError(f"--template chat: {args.model} has a tokenizer without a chat template")
     session = ChatSession(engine, generation_config(engine, args), args.system, template,
                           engine.model.config.max_position_embeddings)  # fmt: skip
     run_chat(session)

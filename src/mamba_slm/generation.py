@@ -341,8 +341,12 @@ class Engine:
             generator = torch.Generator(device=self.device).manual_seed(config.seed)
         seen = None
         if config.repetition_penalty != 1.0:
-            seen = torch.zeros(logits.shape, dtype=torch.bool, device=self.device)
-            seen.scatter_(1, tokens, mask.bool())
+            # Count, then compare: a scatter of booleans would let a padding slot overwrite a real
+            # occurrence of the same id (duplicate indices in one scatter have no defined order).
+            seen = (
+                torch.zeros(logits.shape, dtype=torch.long, device=self.device).scatter_add_(1, tokens, mask)
+                > 0
+            )
         step_input = torch.empty(logits.shape[0], 1, dtype=torch.long, device=self.device)
         for step in range(config.max_new_tokens):
             if seen is not None:
