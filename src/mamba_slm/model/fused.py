@@ -4,7 +4,9 @@ Why: under autograd, the causal depthwise conv (written as shifted multiply-adds
 full-size gradient for every shifted slice, the gated RMSNorm keeps four (L x d_inner) tensors
 alive and SwiGLU keeps three. Each Function below saves only its inputs and does its backward
 in a few passes (recomputing the cheap activations), which cuts a CPU training step's time and
-its activation memory. All are checked against plain autograd in tests/test_fused.py.
+its activation memory. For fp32 on a CPU, forward and backward run as single fused loops
+from `kernels.py` when its C library could be built; the PyTorch code here is the fallback and
+the same math. Both are checked against plain autograd in tests/test_fused.py.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from . import kernels
 
 
 def autocast_off(method):
@@ -43,17 +47,26 @@ def _conv(x: Tensor, weight: Tensor, bias: Tensor | None, padded: Tensor | None 
     return out
 
 
+def _conv_silu(x: Tensor, weight: Tensor, bias: Tensor | None, prev: Tensor | None = None) -> Tensor:
+    if kernels.supports(x, weight, bias, prev):
+        return kernels.conv_silu_forward(x, weight, bias, prev)
+    padded = torch.cat([prev.to(x.dtype), x], dim=1) if prev is not None else None
+    return F.silu(_conv(x, weight, bias, padded))
+
+
 class _ConvSiLU(torch.autograd.Function):
     @staticmethod
     @autocast_off
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight, bias)
-        return F.silu(_conv(x, weight, bias))
+        return _conv_silu(x, weight, bias)
 
     @staticmethod
     @autocast_off
     def backward(ctx, dout):
         x, weight, bias = ctx.saved_tensors
+        if kernels.supports(x, weight, bias, dout):
+            return kernels.conv_silu_backward(x, weight, bias, dout)
         k, seqlen = weight.shape[1], x.shape[1]
         xpad = F.pad(x, (0, 0, k - 1, 0))
         dpre = torch.ops.aten.silu_backward(dout, _conv(x, weight, bias, xpad))
@@ -67,11 +80,14 @@ class _ConvSiLU(torch.autograd.Function):
         return dx, dweight, dbias
 
 
-def conv_silu(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """silu(causal depthwise conv(x)). x: (b, l, c), weight: (c, k), bias: (c,) or None."""
+def conv_silu(x: Tensor, weight: Tensor, bias: Tensor | None, prev: Tensor | None = None) -> Tensor:
+    """silu(causal depthwise conv(x)). x: (b, l, c), weight: (c, k), bias: (c,) or None;
+    prev: the (b, k-1, c) inputs before x (a cached window; inference only) or None for zeros."""
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        if prev is not None:
+            raise ValueError("conv_silu: a cached window is for inference (no gradients)")
         return _ConvSiLU.apply(x, weight, bias)
-    return F.silu(_conv(x, weight, bias))
+    return _conv_silu(x, weight, bias, prev)
 
 
 class _GatedRMSNorm(torch.autograd.Function):
@@ -80,6 +96,8 @@ class _GatedRMSNorm(torch.autograd.Function):
     def forward(ctx, y, z, weight, n_groups, eps):
         ctx.save_for_backward(y, z, weight)
         ctx.n_groups, ctx.eps = n_groups, eps
+        if kernels.supports(y, z, weight):
+            return kernels.gated_norm_forward(y, z, weight, n_groups, eps)
         return _gated_rms_norm(y, z, weight, n_groups, eps)
 
     @staticmethod
@@ -87,6 +105,8 @@ class _GatedRMSNorm(torch.autograd.Function):
     def backward(ctx, dout):
         y, z, weight = ctx.saved_tensors
         groups, eps = ctx.n_groups, ctx.eps
+        if kernels.supports(y, z, weight, dout):
+            return (*kernels.gated_norm_backward(y, z, weight, dout, groups, eps), None, None)
         shape = y.shape
         s = F.silu(z)
         u = (y * s).view(*shape[:-1], groups, -1)  # (..., g, d/g)
@@ -114,6 +134,8 @@ def gated_rms_norm(y: Tensor, z: Tensor, weight: Tensor, n_groups: int = 1, eps:
     """RMSNorm(y * silu(z)) * weight, normalised over groups of the last dim (Mamba-2's norm)."""
     if torch.is_grad_enabled() and (y.requires_grad or z.requires_grad or weight.requires_grad):
         return _GatedRMSNorm.apply(y, z, weight, n_groups, eps)
+    if kernels.supports(y, z, weight):
+        return kernels.gated_norm_forward(y, z, weight, n_groups, eps)
     return _gated_rms_norm(y, z, weight, n_groups, eps)
 
 
@@ -122,12 +144,16 @@ class _SwiGLU(torch.autograd.Function):
     @autocast_off
     def forward(ctx, gate, up):
         ctx.save_for_backward(gate, up)
+        if kernels.supports(gate, up):
+            return kernels.swiglu_forward(gate, up)
         return F.silu(gate).mul_(up)
 
     @staticmethod
     @autocast_off
     def backward(ctx, dout):
         gate, up = ctx.saved_tensors
+        if kernels.supports(gate, up, dout):
+            return kernels.swiglu_backward(gate, up, dout)
         dup = dout * F.silu(gate)
         dgate = torch.ops.aten.silu_backward(dout * up, gate)
         return dgate, dup
@@ -137,6 +163,8 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     """silu(gate) * up."""
     if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
         return _SwiGLU.apply(gate, up)
+    if kernels.supports(gate, up):
+        return kernels.swiglu_forward(gate, up)
     return F.silu(gate).mul_(up)
 
 

@@ -54,22 +54,18 @@ def kernels_for(hidden: Tensor, state: MambaState | None, mask: Tensor | None):
 def causal_conv_silu(x: Tensor, conv: nn.Conv1d, state: MambaState | None) -> Tensor:
     """silu(depthwise causal conv over time). x: (b, l, c) -> (b, l, c).
 
-    With a cached state, its window is prepended and the state advanced; the conv is written as
-    d_conv shifted multiply-adds in (b, l, c) layout, 3x faster than F.conv1d on a CPU.
+    With a cached state, its window is the conv's input before x and the state advances to the
+    last k-1 inputs.
     """
     weight = conv.weight[:, 0].to(x.dtype)  # (c, k)
     bias = conv.bias.to(x.dtype) if conv.bias is not None else None
     if state is None:
         return conv_silu(x, weight, bias)
-    k, seqlen = weight.shape[1], x.shape[1]
-    padded = torch.cat([state.conv.to(x.dtype), x], dim=1)  # (b, k-1+l, c)
-    state.conv = padded[:, seqlen:].clone()
-    out = padded[:, k - 1 :] * weight[:, k - 1]
-    if bias is not None:
-        out += bias
-    for i in range(k - 1):
-        out.addcmul_(padded[:, i : i + seqlen], weight[:, i])
-    return F.silu(out)
+    k = weight.shape[1]
+    prev = state.conv.to(x.dtype)
+    out = conv_silu(x, weight, bias, prev)
+    state.conv = torch.cat([prev, x[:, -(k - 1) :]], dim=1)[:, -(k - 1) :].to(state.conv.dtype).clone()
+    return out
 
 
 def causal_conv_step(x: Tensor, conv: nn.Conv1d, state: MambaState) -> Tensor:

@@ -1,0 +1,179 @@
+/* Fused fp32 CPU kernels for mamba-slm: one pass over memory where PyTorch needs several.
+ *
+ * Built and loaded by kernels.py (gcc -O3 -march=native -fopenmp). The OpenMP runtime is the one
+ * PyTorch already loaded (same soname), so these loops share its thread pool.
+ *
+ * Tensors are row-major fp32. A "row" is the last dimension; inputs that come from a split of a
+ * wider projection are read with their row stride (`*_ld`), outputs are contiguous.
+ */
+#include <math.h>
+#include <omp.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Clamping the exponent keeps every value finite (fast-math assumes no infinities). */
+static inline float sigmoid(float v) { return 1.0f / (1.0f + expf(fminf(-v, 80.0f))); }
+
+/* silu'(v) = s (1 + v (1 - s)), s = sigmoid(v) */
+static inline float silu_grad(float v, float s) { return s * (1.0f + v * (1.0f - s)); }
+
+/* ------------------------------------------------------------------ causal depthwise conv + SiLU */
+
+/* out[b,t,c] = silu(bias[c] + sum_i wt[i,c] x[b, t-(K-1)+i, c]); times before 0 read `prev`
+ * (b, K-1, c: the cached window) or zeros. */
+void conv_silu_fwd(const float *x, long x_ld, const float *prev, const float *wt, const float *bias,
+                   float *out, long B, long L, long C, long K, int nt) {
+#pragma omp parallel for collapse(2) num_threads(nt) schedule(static)
+    for (long b = 0; b < B; b++) {
+        for (long t = 0; t < L; t++) {
+            float *o = out + (b * L + t) * C;
+            for (long c = 0; c < C; c++) o[c] = bias ? bias[c] : 0.0f;
+            for (long i = 0; i < K; i++) {
+                long s = t - (K - 1) + i;
+                const float *src;
+                if (s >= 0)
+                    src = x + (b * L + s) * x_ld;
+                else if (prev)
+                    src = prev + (b * (K - 1) + (K - 1 + s)) * C;
+                else
+                    continue;
+                const float *wi = wt + i * C;
+                for (long c = 0; c < C; c++) o[c] += wi[c] * src[c];
+            }
+            for (long c = 0; c < C; c++) o[c] *= sigmoid(o[c]);
+        }
+    }
+}
+
+/* Gradients of conv_silu_fwd without `prev`. Each thread owns a block of channels, so the
+ * weight and bias gradients need no reduction across threads (deterministic). dx first holds
+ * the pre-activation gradient, then is turned into the input gradient in place (ascending t
+ * only overwrites values no later t reads). */
+void conv_silu_bwd(const float *x, long x_ld, const float *wt, const float *bias, const float *dout,
+                   float *dx, float *dwt, float *dbias, long B, long L, long C, long K, int nt) {
+#pragma omp parallel num_threads(nt)
+    {
+        int tid = omp_get_thread_num(), n = omp_get_num_threads();
+        long c0 = C * tid / n, c1 = C * (tid + 1) / n, w = c1 - c0;
+        for (long i = 0; i < K; i++) memset(dwt + i * C + c0, 0, w * sizeof(float));
+        if (dbias) memset(dbias + c0, 0, w * sizeof(float));
+        float *restrict pre = malloc(w * sizeof(float)), *restrict acc = malloc(w * sizeof(float));
+        for (long b = 0; b < B; b++) {
+            for (long t = 0; t < L; t++) {
+                for (long c = 0; c < w; c++) pre[c] = bias ? bias[c0 + c] : 0.0f;
+                for (long i = 0; i < K; i++) {
+                    long s = t - (K - 1) + i;
+                    if (s < 0) continue;
+                    const float *src = x + (b * L + s) * x_ld + c0, *wi = wt + i * C + c0;
+                    for (long c = 0; c < w; c++) pre[c] += wi[c] * src[c];
+                }
+                const float *restrict g = dout + (b * L + t) * C + c0;
+                float *restrict d = dx + (b * L + t) * C + c0;
+                for (long c = 0; c < w; c++) d[c] = g[c] * silu_grad(pre[c], sigmoid(pre[c]));
+                if (dbias)
+                    for (long c = 0; c < w; c++) dbias[c0 + c] += d[c];
+                for (long i = 0; i < K; i++) {
+                    long s = t - (K - 1) + i;
+                    if (s < 0) continue;
+                    const float *src = x + (b * L + s) * x_ld + c0;
+                    float *dwi = dwt + i * C + c0;
+                    for (long c = 0; c < w; c++) dwi[c] += d[c] * src[c];
+                }
+            }
+            /* dx[t] = sum_i wt[i] dpre[t + (K-1) - i] */
+            for (long t = 0; t < L; t++) {
+                memset(acc, 0, w * sizeof(float));
+                for (long i = 0; i < K; i++) {
+                    long s = t + (K - 1) - i;
+                    if (s >= L) continue;
+                    const float *restrict src = dx + (b * L + s) * C + c0, *restrict wi = wt + i * C + c0;
+                    for (long c = 0; c < w; c++) acc[c] += wi[c] * src[c];
+                }
+                memcpy(dx + (b * L + t) * C + c0, acc, w * sizeof(float));
+            }
+        }
+        free(pre);
+        free(acc);
+    }
+}
+
+/* ------------------------------------------------------------------ gated RMSNorm */
+
+/* out = RMSNorm(y * silu(z)) * w, normalised over groups of `gs` columns of each row. */
+void gated_norm_fwd(const float *y, long y_ld, const float *z, long z_ld, const float *w, float *out,
+                    long rows, long D, long gs, float eps, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (long r = 0; r < rows; r++) {
+        for (long g0 = 0; g0 < D; g0 += gs) {
+            const float *restrict yr = y + r * y_ld + g0, *restrict zr = z + r * z_ld + g0;
+            float *restrict o = out + r * D + g0;
+            float ss = 0.0f;
+            for (long c = 0; c < gs; c++) {
+                float u = yr[c] * zr[c] * sigmoid(zr[c]);
+                o[c] = u;
+                ss += u * u;
+            }
+            float rs = 1.0f / sqrtf(ss / gs + eps);
+            for (long c = 0; c < gs; c++) o[c] *= rs * w[g0 + c];
+        }
+    }
+}
+
+/* One group of one row of gated_norm_bwd (a function of its own so that gcc vectorizes it). */
+static void gated_norm_bwd_group(const float *restrict y, const float *restrict z, const float *restrict w,
+                                 const float *restrict g, float *restrict dy, float *restrict dz,
+                                 float *restrict acc, long gs, float eps) {
+    float ss = 0.0f, dot = 0.0f;
+    for (long c = 0; c < gs; c++) {
+        float u = y[c] * z[c] * sigmoid(z[c]);
+        ss += u * u;
+        dot += g[c] * w[c] * u;
+    }
+    float rs = 1.0f / sqrtf(ss / gs + eps);
+    float k = rs * rs * rs * dot / gs;
+    for (long c = 0; c < gs; c++) {
+        float s = sigmoid(z[c]), u = y[c] * z[c] * s;
+        float du = rs * g[c] * w[c] - u * k;
+        dy[c] = du * z[c] * s;
+        dz[c] = du * y[c] * silu_grad(z[c], s);
+        acc[c] += g[c] * u * rs;
+    }
+}
+
+/* Gradients of gated_norm_fwd. Weight gradients are summed per thread into `partial`
+ * (nt x D scratch) and reduced in thread order, so results do not depend on timing. */
+void gated_norm_bwd(const float *y, long y_ld, const float *z, long z_ld, const float *w,
+                    const float *dout, float *dy, float *dz, float *dw, float *partial, long rows,
+                    long D, long gs, float eps, int nt) {
+    memset(partial, 0, nt * D * sizeof(float));
+#pragma omp parallel num_threads(nt)
+    {
+        float *acc = partial + omp_get_thread_num() * D;
+#pragma omp for schedule(static)
+        for (long r = 0; r < rows; r++) {
+            for (long g0 = 0; g0 < D; g0 += gs)
+                gated_norm_bwd_group(y + r * y_ld + g0, z + r * z_ld + g0, w + g0, dout + r * D + g0,
+                                     dy + r * D + g0, dz + r * D + g0, acc + g0, gs, eps);
+        }
+    }
+    memset(dw, 0, D * sizeof(float));
+    for (int i = 0; i < nt; i++)
+        for (long c = 0; c < D; c++) dw[c] += partial[i * D + c];
+}
+
+/* ------------------------------------------------------------------ SwiGLU */
+
+void swiglu_fwd(const float *gate, const float *up, float *out, long n, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (long i = 0; i < n; i++) out[i] = gate[i] * sigmoid(gate[i]) * up[i];
+}
+
+void swiglu_bwd(const float *gate, const float *up, const float *dout, float *dgate, float *dup, long n,
+                int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (long i = 0; i < n; i++) {
+        float s = sigmoid(gate[i]);
+        dup[i] = dout[i] * gate[i] * s;
+        dgate[i] = dout[i] * up[i] * silu_grad(gate[i], s);
+    }
+}

@@ -1,0 +1,231 @@
+"""Fused fp32 CPU kernels (`kernels.c`), compiled on first use with the system's C compiler.
+
+Why hand-written: on a CPU, the Mamba block's memory-bound glue (causal conv + SiLU, the gated
+RMSNorm) and the MLP's SwiGLU cost PyTorch several passes over (L x d_inner) tensors each,
+forward and backward, and that glue made a training step of the hybrid slower than a
+transformer's of the same size. One OpenMP loop per op does each in one or two passes.
+mamba-ssm fuses the same ops on CUDA; nothing in the ecosystem does it on a CPU.
+
+The library is built with `gcc -O3 -march=native -fopenmp` into a per-user cache (keyed by the
+source, the flags, the compiler and the CPU), written atomically, loaded with ctypes, and
+shares PyTorch's OpenMP thread pool. Without a C compiler, or with `MAMBA_SLM_KERNELS=0`,
+`library()` is None and `fused.py` runs the same math in PyTorch (the tests compare the two).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("kernels.c")
+FLAG_SETS = (
+    ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"],
+    ["-O3", "-ffast-math", "-fopenmp", "-shared", "-fPIC"],  # compilers without -march=native
+)
+
+_P, _L, _I, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
+_SIGNATURES = {
+    "conv_silu_fwd": [_P, _L, _P, _P, _P, _P, _L, _L, _L, _L, _I],
+    "conv_silu_bwd": [_P, _L, _P, _P, _P, _P, _P, _P, _L, _L, _L, _L, _I],
+    "gated_norm_fwd": [_P, _L, _P, _L, _P, _P, _L, _L, _L, _F, _I],
+    "gated_norm_bwd": [_P, _L, _P, _L, _P, _P, _P, _P, _P, _P, _L, _L, _L, _F, _I],
+    "swiglu_fwd": [_P, _P, _P, _L, _I],
+    "swiglu_bwd": [_P, _P, _P, _P, _P, _L, _I],
+}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("MAMBA_SLM_CACHE") or os.environ.get("XDG_CACHE_HOME")
+    return (Path(root) if root else Path.home() / ".cache") / "mamba_slm" / "kernels"
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the CPU's model and feature flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    return "".join(line for line in lines if line.startswith(("model name", "flags")))[:4000]
+
+
+def _build(compiler: str, flags: list[str], target: Path) -> None:
+    """Compile into a temporary file next to `target`, then rename: a concurrent or interrupted
+    build never leaves a half-written library behind."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    try:
+        subprocess.run(
+            [compiler, *flags, str(SOURCE), "-o", str(tmp), "-lm"],
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None (no compiler, a failed build, or MAMBA_SLM_KERNELS=0)."""
+    if os.environ.get("MAMBA_SLM_KERNELS", "1") == "0":
+        return None
+    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        return None
+    errors = []
+    for flags in FLAG_SETS:
+        try:
+            version = subprocess.run(
+                [compiler, "--version"], capture_output=True, text=True, timeout=30
+            ).stdout
+            key = "\n".join([SOURCE.read_text(), " ".join(flags), version, platform.machine(), _cpu_id()])
+            target = cache_dir() / f"kernels-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+            if not target.exists():
+                _build(compiler, flags, target)
+            lib = ctypes.CDLL(str(target))
+        except (OSError, subprocess.SubprocessError) as err:
+            stderr = getattr(err, "stderr", b"") or b""
+            errors.append(f"{err} {stderr.decode(errors='replace').strip()[:200]}")
+            continue
+        for name, argtypes in _SIGNATURES.items():
+            getattr(lib, name).argtypes = argtypes
+            getattr(lib, name).restype = None
+        return lib
+    warnings.warn(f"mamba-slm: fused CPU kernels unavailable, using PyTorch ops ({errors[-1]})", stacklevel=2)
+    return None
+
+
+def _as_rows(t: Tensor) -> Tensor | None:
+    """t viewed as (rows, last dim) with unit column stride, or None if its layout does not allow it."""
+    try:
+        rows = t.view(-1, t.shape[-1])
+    except RuntimeError:
+        return None
+    return rows if rows.stride(1) == 1 or rows.shape[1] == 1 else None
+
+
+def _rows(t: Tensor) -> Tensor:
+    rows = _as_rows(t)
+    return rows if rows is not None else t.contiguous().view(-1, t.shape[-1])
+
+
+def supports(*tensors: Tensor | None) -> bool:
+    """True if the kernels can take these tensors: loaded, fp32, CPU, row-major rows."""
+    present = [t for t in tensors if t is not None]
+    if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in present):
+        return False
+    return library() is not None and all(_as_rows(t) is not None for t in present)
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return t.data_ptr() if t is not None else None
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+def conv_silu_forward(x: Tensor, weight: Tensor, bias: Tensor | None, prev: Tensor | None = None) -> Tensor:
+    """silu(causal depthwise conv). x: (b, l, c); weight: (c, k); prev: (b, k-1, c) window or None."""
+    b, seqlen, c = x.shape
+    k = weight.shape[1]
+    wt = weight.t().contiguous()
+    prev = prev.contiguous() if prev is not None else None
+    out = torch.empty(b, seqlen, c, dtype=x.dtype)
+    xr = _rows(x)
+    library().conv_silu_fwd(
+        xr.data_ptr(),
+        xr.stride(0),
+        _ptr(prev),
+        wt.data_ptr(),
+        _ptr(bias),
+        out.data_ptr(),
+        b,
+        seqlen,
+        c,
+        k,
+        _threads(),
+    )
+    return out
+
+
+def conv_silu_backward(
+    x: Tensor, weight: Tensor, bias: Tensor | None, dout: Tensor
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(dx, dweight (c, k), dbias) of `conv_silu_forward` without a window."""
+    b, seqlen, c = x.shape
+    k = weight.shape[1]
+    wt = weight.t().contiguous()
+    dout = dout.contiguous()
+    dx = torch.empty(b, seqlen, c, dtype=x.dtype)
+    dwt = torch.empty(k, c, dtype=x.dtype)
+    dbias = torch.empty(c, dtype=x.dtype) if bias is not None else None
+    xr = _rows(x)
+    library().conv_silu_bwd(
+        xr.data_ptr(), xr.stride(0), wt.data_ptr(), _ptr(bias), dout.data_ptr(), dx.data_ptr(),
+        dwt.data_ptr(), _ptr(dbias), b, seqlen, c, k, _threads(),
+    )  # fmt: skip
+    return dx, dwt.t().contiguous(), dbias
+
+
+def gated_norm_forward(y: Tensor, z: Tensor, weight: Tensor, n_groups: int, eps: float) -> Tensor:
+    """RMSNorm(y * silu(z)) * weight over groups of the last dim."""
+    yr, zr = _rows(y), _rows(z)
+    rows, d = yr.shape
+    out = torch.empty(y.shape, dtype=y.dtype)
+    library().gated_norm_fwd(
+        yr.data_ptr(), yr.stride(0), zr.data_ptr(), zr.stride(0), weight.contiguous().data_ptr(),
+        out.data_ptr(), rows, d, d // n_groups, eps, _threads(),
+    )  # fmt: skip
+    return out
+
+
+def gated_norm_backward(
+    y: Tensor, z: Tensor, weight: Tensor, dout: Tensor, n_groups: int, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dy, dz, dweight) of `gated_norm_forward`."""
+    yr, zr = _rows(y), _rows(z)
+    rows, d = yr.shape
+    threads = _threads()
+    dout = dout.contiguous()
+    dy, dz = torch.empty(y.shape, dtype=y.dtype), torch.empty(y.shape, dtype=y.dtype)
+    dweight, partial = torch.empty(d, dtype=y.dtype), torch.empty(threads, d, dtype=y.dtype)
+    library().gated_norm_bwd(
+        yr.data_ptr(), yr.stride(0), zr.data_ptr(), zr.stride(0), weight.contiguous().data_ptr(),
+        dout.data_ptr(), dy.data_ptr(), dz.data_ptr(), dweight.data_ptr(), partial.data_ptr(),
+        rows, d, d // n_groups, eps, threads,
+    )  # fmt: skip
+    return dy, dz, dweight
+
+
+def swiglu_forward(gate: Tensor, up: Tensor) -> Tensor:
+    gate, up = gate.contiguous(), up.contiguous()
+    out = torch.empty_like(gate)
+    library().swiglu_fwd(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(), _threads())
+    return out
+
+
+def swiglu_backward(gate: Tensor, up: Tensor, dout: Tensor) -> tuple[Tensor, Tensor]:
+    gate, up, dout = gate.contiguous(), up.contiguous(), dout.contiguous()
+    dgate, dup = torch.empty_like(gate), torch.empty_like(gate)
+    library().swiglu_bwd(
+        gate.data_ptr(),
+        up.data_ptr(),
+        dout.data_ptr(),
+        dgate.data_ptr(),
+        dup.data_ptr(),
+        gate.numel(),
+        _threads(),
+    )
+    return dgate, dup

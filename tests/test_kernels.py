@@ -1,0 +1,98 @@
+"""The compiled CPU kernels: same results as the PyTorch ops on the layouts the model passes
+them, deterministic, and a clean fallback when they cannot be built."""
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mamba_slm.model import kernels
+from mamba_slm.model.fused import _conv, _gated_rms_norm
+
+pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="no C compiler to build the kernels")
+
+
+def test_library_builds_and_loads():
+    assert kernels.library() is not None
+    assert list(kernels.cache_dir().glob("kernels-*.so"))
+
+
+def test_conv_reads_split_columns_and_cached_window():
+    torch.manual_seed(0)
+    wide = torch.randn(3, 9, 20)
+    x = wide[..., 4:15]  # a split of a wider projection: row stride 20
+    weight, bias = torch.randn(11, 4), torch.randn(11)
+    prev = torch.randn(3, 3, 11)
+    assert kernels.supports(x, weight, bias, prev) and not x.is_contiguous()
+    got = kernels.conv_silu_forward(x, weight, bias, prev)
+    want = F.silu(_conv(x, weight, bias, torch.cat([prev, x], dim=1)))
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    # without a window the inputs before t=0 are zeros; shorter than the kernel too
+    short = x[:, :2]
+    torch.testing.assert_close(
+        kernels.conv_silu_forward(short, weight, None), F.silu(_conv(short, weight, None))
+    )
+
+
+def test_conv_backward_matches_autograd_on_strided_input():
+    torch.manual_seed(1)
+    wide = torch.randn(2, 13, 24, requires_grad=True)
+    x = wide[..., 3:19]
+    weight, bias = torch.randn(16, 4, requires_grad=True), torch.randn(16, requires_grad=True)
+    dout = torch.randn(2, 13, 16)
+    want = torch.autograd.grad(F.silu(_conv(x, weight, bias)), (x, weight, bias), dout)
+    got = kernels.conv_silu_backward(x.detach(), weight.detach(), bias.detach(), dout)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n_groups", [1, 4])
+def test_gated_norm_matches_pytorch_on_split_gate(n_groups):
+    torch.manual_seed(2)
+    y = torch.randn(2, 5, 32, requires_grad=True)
+    proj = torch.randn(2, 5, 50, requires_grad=True)
+    z = proj[..., 10:42]  # the gate is a split of in_proj's output
+    weight = torch.randn(32, requires_grad=True)
+    want = _gated_rms_norm(y, z, weight, n_groups, 1e-5)
+    got = kernels.gated_norm_forward(y.detach(), z.detach(), weight.detach(), n_groups, 1e-5)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    dout = torch.randn_like(want)
+    grads = kernels.gated_norm_backward(y.detach(), z.detach(), weight.detach(), dout, n_groups, 1e-5)
+    for g, w in zip(grads, torch.autograd.grad(want, (y, z, weight), dout), strict=True):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
+def test_extreme_inputs_stay_finite():
+    gate = torch.tensor([-1e4, -100.0, 0.0, 100.0, 1e4])
+    up = torch.ones(5)
+    out = kernels.swiglu_forward(gate, up)
+    torch.testing.assert_close(out, F.silu(gate), atol=1e-6, rtol=1e-6)
+    assert torch.isfinite(torch.cat(kernels.swiglu_backward(gate, up, torch.ones(5)))).all()
+
+
+def test_results_do_not_depend_on_timing():
+    torch.manual_seed(3)
+    y, z, w, dout = torch.randn(64, 96), torch.randn(64, 96), torch.randn(96), torch.randn(64, 96)
+    first = kernels.gated_norm_backward(y, z, w, dout, 1, 1e-5)
+    for _ in range(5):
+        again = kernels.gated_norm_backward(y, z, w, dout, 1, 1e-5)
+        assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+
+
+def test_unusable_compiler_falls_back_with_a_warning(monkeypatch, tmp_path):
+    monkeypatch.setenv("MAMBA_SLM_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    kernels.library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="fused CPU kernels unavailable"):
+            assert kernels.library() is None
+        assert not kernels.supports(torch.ones(2))
+        assert not list(tmp_path.rglob("*.so")) and not list(tmp_path.rglob("*.tmp"))
+    finally:
+        kernels.library.cache_clear()
+
+
+def test_non_float32_inputs_use_pytorch():
+    assert not kernels.supports(torch.ones(2, 3, dtype=torch.bfloat16))
+    assert kernels.supports(torch.ones(2, 3))
