@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from mamba_slm.model import kernels
-from mamba_slm.model.fused import conv_silu, gated_rms_norm, linear_cross_entropy, swiglu
+from mamba_slm.model.fused import conv_silu, gated_rms_norm, linear_cross_entropy, rms_norm, rowdot, swiglu
 
 
 @pytest.fixture(params=["c-kernels", "pytorch"], autouse=True)
@@ -60,6 +60,17 @@ def test_swiglu_matches_autograd():
     gate = torch.randn(3, 7, 10, requires_grad=True)
     up = torch.randn(3, 7, 10, requires_grad=True)
     _compare(swiglu, lambda g, u: F.silu(g) * u, [gate, up])
+
+
+def test_rms_norm_matches_autograd():
+    x = torch.randn(3, 7, 24, requires_grad=True)
+    weight = torch.randn(24, requires_grad=True)
+    _compare(lambda x, w: rms_norm(x, w, 1e-5), lambda x, w: F.rms_norm(x, (24,), w, 1e-5), [x, weight])
+
+
+def test_rowdot_equals_product_sum():
+    a, b = torch.randn(4, 5, 64), torch.randn(4, 5, 64)
+    torch.testing.assert_close(rowdot(a, b), (a * b).sum(-1), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("chunk_rows", [3, 64])

@@ -96,3 +96,17 @@ def test_unusable_compiler_falls_back_with_a_warning(monkeypatch, tmp_path):
 def test_non_float32_inputs_use_pytorch():
     assert not kernels.supports(torch.ones(2, 3, dtype=torch.bfloat16))
     assert kernels.supports(torch.ones(2, 3))
+
+
+def test_softmax_cross_entropy_rows_and_gradients():
+    torch.manual_seed(4)
+    logits = torch.randn(6, 50) * 5
+    targets = torch.tensor([3, -1, 0, 49, 7, -1])
+    scale = torch.rand(6)
+    want_loss = F.cross_entropy(logits, targets.clamp_min(0), reduction="none") * (targets >= 0)
+    want_grad = (torch.softmax(logits, -1) - F.one_hot(targets.clamp_min(0), 50)) * scale[:, None]
+    want_grad[targets < 0] = torch.softmax(logits[targets < 0], -1) * scale[targets < 0, None]
+    got = logits.clone()
+    loss = kernels.softmax_cross_entropy_(got, targets, scale)
+    torch.testing.assert_close(loss, want_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, want_grad, atol=1e-6, rtol=1e-5)

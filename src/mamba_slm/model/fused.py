@@ -33,6 +33,13 @@ def autocast_off(method):
     return wrapper
 
 
+def rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """(a * b).sum(-1), in fp32."""
+    if kernels.supports(a, b):
+        return kernels.rowdot(a, b)
+    return (a * b).sum(-1).float()
+
+
 def _conv(x: Tensor, weight: Tensor, bias: Tensor | None, padded: Tensor | None = None) -> Tensor:
     """Causal depthwise conv. x: (b, l, c), weight: (c, k) -> (b, l, c); `padded` is x with k-1
     leading zero steps, if the caller has it already."""
@@ -168,6 +175,30 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     return F.silu(gate).mul_(up)
 
 
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    @autocast_off
+    def forward(ctx, x, weight, eps):
+        ctx.save_for_backward(x, weight)
+        ctx.eps = eps
+        return kernels.rms_norm_forward(x, weight, eps)
+
+    @staticmethod
+    @autocast_off
+    def backward(ctx, dout):
+        x, weight = ctx.saved_tensors
+        return (*kernels.rms_norm_backward(x, weight, dout, ctx.eps), None)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm over the last dim, times weight: fused CPU kernels for fp32, else F.rms_norm."""
+    if not kernels.supports(x, weight):
+        return F.rms_norm(x, weight.shape, weight, eps)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _RMSNorm.apply(x, weight, eps)
+    return kernels.rms_norm_forward(x, weight, eps)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of (hidden @ weight^T) against targets, in chunks of rows.
 
@@ -191,12 +222,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
             t = targets[start : start + chunk_rows]
             valid = valid_all[start : start + chunk_rows]
             logits = (h @ w.t()).float()  # (rows, vocab)
-            lse = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, t.clamp_min(0)[:, None])[:, 0]
-            total += ((lse - picked) * valid).sum()
-            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-            probs[torch.arange(len(t), device=t.device), t.clamp_min(0)] -= 1.0
-            probs.mul_((valid.float() / n_valid)[:, None])  # d(mean loss)/d(logits)
+            scale = valid.float() / n_valid
+            if kernels.supports(logits):  # one fused pass: row losses, and the logits become their grads
+                total += kernels.softmax_cross_entropy_(logits, t.masked_fill(~valid, -1), scale).sum()
+                probs = logits
+            else:
+                lse = torch.logsumexp(logits, dim=-1)
+                picked = logits.gather(1, t.clamp_min(0)[:, None])[:, 0]
+                total += ((lse - picked) * valid).sum()
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                probs[torch.arange(len(t), device=t.device), t.clamp_min(0)] -= 1.0
+                probs.mul_(scale[:, None])  # d(mean loss)/d(logits)
             probs = probs.to(hidden.dtype)
             grad_hidden[start : start + chunk_rows] = probs @ w
             if want_w:

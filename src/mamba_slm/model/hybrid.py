@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import ModelConfig
 from .attention import Attention, AttentionInputs, build_attention_inputs, rope_inv_freq
 from .cache import HybridCache, MambaState
-from .fused import linear_cross_entropy, swiglu
+from .fused import linear_cross_entropy, rms_norm, swiglu
 from .linear import Linear
 from .ssm import Mamba1Mixer, Mamba2Mixer
 
@@ -41,7 +41,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class MLP(nn.Module):

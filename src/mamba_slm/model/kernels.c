@@ -177,3 +177,82 @@ void swiglu_bwd(const float *gate, const float *up, const float *dout, float *dg
         dgate[i] = dout[i] * up[i] * silu_grad(gate[i], s);
     }
 }
+
+/* ------------------------------------------------------------------ row dot products */
+
+/* out[r] = sum_c a[r, c] b[r, c] (the SSD backward's per-token, per-head reductions). */
+void rowdot(const float *a, long a_ld, const float *b, long b_ld, float *out, long rows, long D, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (long r = 0; r < rows; r++) {
+        const float *restrict x = a + r * a_ld, *restrict y = b + r * b_ld;
+        float acc = 0.0f;
+        for (long c = 0; c < D; c++) acc += x[c] * y[c];
+        out[r] = acc;
+    }
+}
+
+/* ------------------------------------------------------------------ RMSNorm */
+
+void rms_norm_fwd(const float *x, long x_ld, const float *w, float *out, long rows, long D, float eps, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (long r = 0; r < rows; r++) {
+        const float *restrict xr = x + r * x_ld;
+        float *restrict o = out + r * D;
+        float ss = 0.0f;
+        for (long c = 0; c < D; c++) ss += xr[c] * xr[c];
+        float rs = 1.0f / sqrtf(ss / D + eps);
+        for (long c = 0; c < D; c++) o[c] = xr[c] * rs * w[c];
+    }
+}
+
+static void rms_norm_bwd_row(const float *restrict x, const float *restrict w, const float *restrict g,
+                             float *restrict dx, float *restrict acc, long D, float eps) {
+    float ss = 0.0f, dot = 0.0f;
+    for (long c = 0; c < D; c++) {
+        ss += x[c] * x[c];
+        dot += g[c] * w[c] * x[c];
+    }
+    float rs = 1.0f / sqrtf(ss / D + eps);
+    float k = rs * rs * rs * dot / D;
+    for (long c = 0; c < D; c++) {
+        dx[c] = rs * g[c] * w[c] - x[c] * k;
+        acc[c] += g[c] * x[c] * rs;
+    }
+}
+
+/* Gradients of rms_norm_fwd; weight gradients reduced in thread order as in gated_norm_bwd. */
+void rms_norm_bwd(const float *x, long x_ld, const float *w, const float *dout, float *dx, float *dw,
+                  float *partial, long rows, long D, float eps, int nt) {
+    memset(partial, 0, nt * D * sizeof(float));
+#pragma omp parallel num_threads(nt)
+    {
+        float *acc = partial + omp_get_thread_num() * D;
+#pragma omp for schedule(static)
+        for (long r = 0; r < rows; r++) rms_norm_bwd_row(x + r * x_ld, w, dout + r * D, dx + r * D, acc, D, eps);
+    }
+    memset(dw, 0, D * sizeof(float));
+    for (int i = 0; i < nt; i++)
+        for (long c = 0; c < D; c++) dw[c] += partial[i * D + c];
+}
+
+/* ------------------------------------------------------------------ softmax cross-entropy */
+
+/* For each row of logits (rows x V): loss[r] = logsumexp - logit[target] (0 where target < 0),
+ * and the row is overwritten with scale[r] * (softmax - onehot(target)), the gradient of
+ * sum_r scale[r] * loss[r]. Two passes over the logits instead of PyTorch's five. */
+void softmax_xent(float *logits, long rows, long V, const long *targets, const float *scale, float *loss,
+                  int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (long r = 0; r < rows; r++) {
+        float *restrict x = logits + r * V;
+        float m = x[0];
+        for (long c = 1; c < V; c++) m = fmaxf(m, x[c]);
+        float s = 0.0f;
+        for (long c = 0; c < V; c++) s += expf(x[c] - m);
+        float lse = m + logf(s), sc = scale[r];
+        long t = targets[r];
+        loss[r] = t >= 0 ? lse - x[t] : 0.0f;
+        for (long c = 0; c < V; c++) x[c] = expf(x[c] - lse) * sc;
+        if (t >= 0) x[t] -= sc;
+    }
+}

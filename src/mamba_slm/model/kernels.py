@@ -41,6 +41,10 @@ _SIGNATURES = {
     "gated_norm_bwd": [_P, _L, _P, _L, _P, _P, _P, _P, _P, _P, _L, _L, _L, _F, _I],
     "swiglu_fwd": [_P, _P, _P, _L, _I],
     "swiglu_bwd": [_P, _P, _P, _P, _P, _L, _I],
+    "rowdot": [_P, _L, _P, _L, _P, _L, _L, _I],
+    "rms_norm_fwd": [_P, _L, _P, _P, _L, _L, _F, _I],
+    "rms_norm_bwd": [_P, _L, _P, _P, _P, _P, _P, _L, _L, _F, _I],
+    "softmax_xent": [_P, _L, _L, _P, _P, _P, _I],
 }
 
 
@@ -229,3 +233,64 @@ def swiglu_backward(gate: Tensor, up: Tensor, dout: Tensor) -> tuple[Tensor, Ten
         _threads(),
     )
     return dgate, dup
+
+
+def rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """(a * b).sum(-1) without the product tensor. a, b: same shape."""
+    ar, br = _rows(a), _rows(b)
+    out = torch.empty(a.shape[:-1], dtype=a.dtype)
+    library().rowdot(
+        ar.data_ptr(),
+        ar.stride(0),
+        br.data_ptr(),
+        br.stride(0),
+        out.data_ptr(),
+        ar.shape[0],
+        ar.shape[1],
+        _threads(),
+    )
+    return out
+
+
+def rms_norm_forward(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm over the last dim, times weight."""
+    xr = _rows(x)
+    out = torch.empty(x.shape, dtype=x.dtype)
+    library().rms_norm_fwd(
+        xr.data_ptr(),
+        xr.stride(0),
+        weight.contiguous().data_ptr(),
+        out.data_ptr(),
+        *xr.shape,
+        eps,
+        _threads(),
+    )
+    return out
+
+
+def rms_norm_backward(x: Tensor, weight: Tensor, dout: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(dx, dweight) of `rms_norm_forward`."""
+    xr = _rows(x)
+    rows, d = xr.shape
+    threads = _threads()
+    dout = dout.contiguous()
+    dx, dweight = torch.empty(x.shape, dtype=x.dtype), torch.empty(d, dtype=x.dtype)
+    partial = torch.empty(threads, d, dtype=x.dtype)
+    library().rms_norm_bwd(
+        xr.data_ptr(), xr.stride(0), weight.contiguous().data_ptr(), dout.data_ptr(), dx.data_ptr(),
+        dweight.data_ptr(), partial.data_ptr(), rows, d, eps, threads,
+    )  # fmt: skip
+    return dx, dweight
+
+
+def softmax_cross_entropy_(logits: Tensor, targets: Tensor, scale: Tensor) -> Tensor:
+    """Per-row cross-entropy of (rows, vocab) fp32 logits against int64 targets (< 0: ignored,
+    loss 0); the logits are overwritten with scale[r] * (softmax - onehot), the gradient of
+    sum(scale * loss)."""
+    assert logits.is_contiguous() and targets.dtype == torch.int64
+    targets, scale = targets.contiguous(), scale.float().contiguous()
+    loss = torch.empty(logits.shape[0], dtype=torch.float32)
+    library().softmax_xent(
+        logits.data_ptr(), *logits.shape, targets.data_ptr(), scale.data_ptr(), loss.data_ptr(), _threads()
+    )
+    return loss

@@ -22,7 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .fused import autocast_off
+from .fused import autocast_off, rowdot
+
+MAX_EXPONENT_RANGE = 80.0  # e^(80/2) = 2.4e17: products stay far below fp32's 3.4e38
 
 
 def _chunk(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, q: int):
@@ -41,102 +43,133 @@ def _chunk(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, q: int):
     return xc, dtc, Bg, Cg, cum
 
 
+def safe_chunk_size(dt: Tensor, A: Tensor, chunk_size: int) -> int:
+    """The largest chunk size <= chunk_size (halving) whose within-chunk decay range stays under
+    MAX_EXPONENT_RANGE, so that the factored exponentials of `_intermediates` stay finite. A
+    chunk of one token has range 0, so this always ends; typical models keep the full size."""
+    q = chunk_size
+    while q > 1:
+        b, seqlen, h = dt.shape
+        dA = F.pad(dt.detach().float() * A.detach().float(), (0, 0, 0, (-seqlen) % q))
+        cum = torch.cumsum(dA.view(b, -1, q, h), dim=2)
+        if float((cum.amax(2) - cum.amin(2)).max()) <= MAX_EXPONENT_RANGE:
+            break
+        q //= 2
+    return q
+
+
+def _by_group(t: Tensor, g: int) -> Tensor:
+    """(b, c, q, h, p) -> (b, c, g, q, hg*p): the heads of a group side by side (a view for g = 1)."""
+    b, c, q, h, p = t.shape
+    return t.reshape(b, c, q, g, (h // g) * p).transpose(2, 3)
+
+
+def _by_head(t: Tensor, h: int) -> Tensor:
+    """Inverse of `_by_group`."""
+    b, c, g, q, _ = t.shape
+    return t.transpose(2, 3).reshape(b, c, q, h, -1)
+
+
 def _intermediates(xc, dtc, Bg, Cg, cum, h0):
-    """Everything the output and the backward need, computed without autograd. States use the
-    (g, n, hg*p) layout so that the state matmuls run once per group over all its heads (one
-    large GEMM instead of h small ones)."""
+    """Everything the output and the backward need, computed without autograd.
+
+    Within a chunk, y_i = sum_{j<=i} (C_i . B_j) exp(cum_i - cum_j) dt_j x_j. The decay factors as
+    exp(cum_i - m) * exp(m - cum_j) (m: the midpoint of the chunk's cum range, per head), so the
+    masked matrix Gc = C B^T is shared by all heads of a group and the within-chunk output is one
+    GEMM over all of them (Gc @ Xs) instead of one small (q x q) product and decay matrix per
+    head. `safe_chunk_size` keeps both factors finite. States use the (g, n, hg*p) layout so that
+    their matmuls also run once per group. Per-token scalars (b, c, q, h) are fp32."""
     b, c, q, h, p = xc.shape
     g, n = Bg.shape[2], Bg.shape[4]
     hg, dtype = h // g, xc.dtype
-    Xd = xc * dtc.to(dtype)[..., None]  # (b, c, q, h, p)
-    cum_h = cum.transpose(2, 3)  # (b, c, h, q)
+    mid = (cum.amax(2, keepdim=True) + cum.amin(2, keepdim=True)) / 2  # (b, c, 1, h)
+    Ein, Fin = torch.exp(cum - mid), torch.exp(mid - cum)
+    w = torch.exp(cum[:, :, -1:] - cum)  # decay from each token to the chunk's end
+    Xs = xc * (dtc * Fin).to(dtype)[..., None]  # (b, c, q, h, p)
+    Ug = _by_group(xc * (dtc * w).to(dtype)[..., None], g)  # (b, c, g, q, hg*p)
     causal = torch.tril(torch.ones(q, q, dtype=torch.bool, device=xc.device))
-    Lm = (cum_h[..., :, None] - cum_h[..., None, :]).masked_fill_(~causal, float("-inf")).exp_().to(dtype)
-    G = torch.matmul(Cg, Bg.transpose(-1, -2))  # (b, c, g, q, q)
-    M = (Lm.view(b, c, g, hg, q, q) * G[:, :, :, None]).view(b, c, h, q, q)
-    Xh = Xd.transpose(2, 3).contiguous()  # (b, c, h, q, p)
+    Gc = torch.matmul(Cg, Bg.transpose(-1, -2)).masked_fill_(~causal, 0.0)  # (b, c, g, q, q)
+    ST = torch.matmul(Bg.transpose(-1, -2), Ug).view(b, c, g, n, hg, p)  # each chunk's own state
 
-    w = torch.exp(cum[:, :, -1:] - cum).to(dtype)  # (b, c, q, h): decay from each token to chunk end
-    Ug = (Xd * w[..., None]).view(b, c, q, g, hg * p).transpose(2, 3)  # (b, c, g, q, hg*p)
-    ST = torch.matmul(Bg.transpose(-1, -2), Ug)  # (b, c, g, n, hg*p): each chunk's own state
-
+    # Hin[:, k]: the state entering chunk k (a buffer of its own, so that its matmuls need no copy)
     decay = torch.exp(cum[:, :, -1]).to(dtype).view(b, c, g, 1, hg, 1)  # whole-chunk decay per head
-    states = torch.empty(b, c + 1, g, n, hg, p, dtype=dtype, device=xc.device)  # entering each chunk, final
+    Hin = torch.empty(b, c, g, n, hg, p, dtype=dtype, device=xc.device)
     if h0 is None:
-        states[:, 0].zero_()
+        Hin[:, 0].zero_()
     else:
-        states[:, 0] = h0
-    ST = ST.view(b, c, g, n, hg, p)
-    for k in range(c):
-        torch.addcmul(ST[:, k], states[:, k], decay[:, k], out=states[:, k + 1])
-    state = states[:, c]
-    Hin = states[:, :c].reshape(b, c, g, n, hg * p)
-    Yo = torch.matmul(Cg, Hin).view(b, c, g, q, hg, p).transpose(2, 3).reshape(b, c, q, h, p)
-    E = torch.exp(cum).to(dtype)  # (b, c, q, h)
-    return state, (Xd, Lm, G, M, Xh, w, Ug, decay, Hin, E, Yo)
+        Hin[:, 0] = h0
+    for k in range(c - 1):
+        torch.addcmul(ST[:, k], Hin[:, k], decay[:, k], out=Hin[:, k + 1])
+    final = torch.addcmul(ST[:, c - 1], Hin[:, c - 1], decay[:, c - 1])
+    Hin = Hin.view(b, c, g, n, hg * p)
+    Yo = _by_head(torch.matmul(Cg, Hin), h)  # (b, c, q, h, p): the part from earlier chunks
+    E = torch.exp(cum)  # (b, c, q, h)
+    return final, (Ein, Fin, w, Xs, Gc, Ug, decay, Hin, E, Yo)
 
 
 def _forward(xc, dtc, Bg, Cg, cum, h0):
     """y (b, c, q, h, p) and the final state (b, g, n, hg, p)."""
-    final, (_, _, _, M, Xh, _, _, _, _, E, Yo) = _intermediates(xc, dtc, Bg, Cg, cum, h0)
-    y = Yo.mul_(E[..., None])
-    y += torch.matmul(M, Xh).transpose(2, 3)  # within-chunk part
+    h, g, dtype = xc.shape[3], Bg.shape[2], xc.dtype
+    final, (Ein, _, _, Xs, Gc, _, _, _, E, Yo) = _intermediates(xc, dtc, Bg, Cg, cum, h0)
+    y = Yo.mul_(E.to(dtype)[..., None])
+    y.addcmul_(_by_head(torch.matmul(Gc, _by_group(Xs, g)), h), Ein.to(dtype)[..., None])  # within chunks
     return y, final
 
 
-def _backward(xc, dtc, Bg, Cg, cum, A, h0, dy, dfinal):
+def _backward(xc, dtc, Bg, Cg, cum, A, h0, dy, dfinal, dx):
+    """Gradients of `_forward`; dx (b, c, q, h, p) is written in place."""
     b, c, q, h, p = xc.shape
     g, n = Bg.shape[2], Bg.shape[4]
-    hg = h // g
-    _, (Xd, Lm, G, M, Xh, w, Ug, decay, Hin, E, Yo) = _intermediates(xc, dtc, Bg, Cg, cum, h0)
+    hg, dtype = h // g, xc.dtype
+    _, (Ein, Fin, w, Xs, Gc, Ug, decay, Hin, E, Yo) = _intermediates(xc, dtc, Bg, Cg, cum, h0)
 
-    # y = Yo * E + Yd;  Yo = C Hin
-    dcum = (dy * Yo).sum(-1).float().mul_(E)  # (b, c, q, h)
+    # y = Yo * E + T * Ein;  Yo = C Hin;  T = Gc Xs
+    dcum = rowdot(dy, Yo).mul_(E)  # (b, c, q, h)
     del Yo
-    dYo = (dy * E[..., None]).view(b, c, q, g, hg * p).transpose(2, 3)  # (b, c, g, q, hg*p)
+    dYo = _by_group(dy * E.to(dtype)[..., None], g)  # (b, c, g, q, hg*p)
     dC = torch.matmul(dYo, Hin.transpose(-1, -2))  # (b, c, g, q, n)
     dHin = torch.matmul(Cg.transpose(-1, -2), dYo).view(b, c, g, n, hg, p)
     del dYo
 
     # the chunk recurrence, backwards: state_{k+1} = decay_k * state_k + ST_k
-    Hin6 = Hin.view(b, c, g, n, hg, p)
-    grads = torch.empty(b, c + 1, g, n, hg, p, dtype=Hin.dtype, device=Hin.device)  # grads[k+1] = dST[k]
-    grads[:, c] = dfinal
-    for k in reversed(range(c)):
-        torch.addcmul(dHin[:, k], grads[:, k + 1], decay[:, k], out=grads[:, k])
-    dST = grads[:, 1:]
-    ddecay = (dST * Hin6).sum((3, 5))  # (b, c, g, hg)
-    dh0 = grads[:, 0] if h0 is not None else None
-    dST = dST.reshape(b, c, g, n, hg * p)
+    dST = torch.empty_like(dHin)  # dST[:, k]: gradient of the state leaving chunk k
+    dST[:, c - 1] = dfinal
+    for k in range(c - 1, 0, -1):
+        torch.addcmul(dHin[:, k], dST[:, k], decay[:, k], out=dST[:, k - 1])
+    dh0 = torch.addcmul(dHin[:, 0], dST[:, 0], decay[:, 0]) if h0 is not None else None
+    ddecay = (dST * Hin.view(b, c, g, n, hg, p)).sum((3, 5))  # (b, c, g, hg)
+    dST = dST.view(b, c, g, n, hg * p)
     dcum_last = ddecay.view(b, c, h).float() * decay.view(b, c, h).float()
 
-    # ST = B^T U,  U = Xd * w
-    dU = torch.matmul(Bg, dST).view(b, c, g, q, hg, p).transpose(2, 3).reshape(b, c, q, h, p)
+    # ST = B^T U,  U = x dt w
+    dU = _by_head(torch.matmul(Bg, dST), h)  # (b, c, q, h, p)
     dB = torch.matmul(Ug, dST.transpose(-1, -2))  # (b, c, g, q, n)
-    dw = (dU * Xd).sum(-1).float().mul_(w)  # (b, c, q, h): grads of the exponent cum_last - cum
-    dXd = dU.mul_(w[..., None])
+    dU_x = rowdot(dU, xc)
+    dw = dU_x * dtc * w  # grads of the exponent cum_last - cum
     dcum_last += dw.sum(2)
     dcum -= dw
 
-    # Yd = M Xh,  M = Lm * G,  G = C B^T
-    dYd = dy.transpose(2, 3).contiguous()  # (b, c, h, q, p)
-    dM = torch.matmul(dYd, Xh.transpose(-1, -2))  # (b, c, h, q, q)
-    dXd += torch.matmul(M.transpose(-1, -2), dYd).transpose(2, 3)
-    del dYd, M
-    dM6 = dM.view(b, c, g, hg, q, q)
-    dG = (dM6 * Lm.view(b, c, g, hg, q, q)).sum(3)  # (b, c, g, q, q)
-    R = dM6.mul_(G[:, :, :, None]).view(b, c, h, q, q).float().mul_(Lm)
-    dcum += (R.sum(-1) - R.sum(-2)).transpose(2, 3)
-    dC += torch.matmul(dG, Bg)
-    dB += torch.matmul(dG.transpose(-1, -2), Cg)
+    # T = Gc Xs,  Xs = x dt Fin;  Ein = exp(cum - m), Fin = exp(m - cum) (y does not depend on m)
+    Xg = _by_group(Xs, g)
+    dcum += rowdot(dy, _by_head(torch.matmul(Gc, Xg), h)).mul_(Ein)
+    dTg = _by_group(dy * Ein.to(dtype)[..., None], g)
+    causal = torch.tril(torch.ones(q, q, dtype=torch.bool, device=xc.device))
+    dGc = torch.matmul(dTg, Xg.transpose(-1, -2)).masked_fill_(~causal, 0.0)  # (b, c, g, q, q)
+    dXs = _by_head(torch.matmul(Gc.transpose(-1, -2), dTg), h)  # (b, c, q, h, p)
+    del dTg
+    dXs_x = rowdot(dXs, xc)
+    dcum -= dXs_x * dtc * Fin
+    dC += torch.matmul(dGc, Bg)
+    dB += torch.matmul(dGc.transpose(-1, -2), Cg)
 
-    # cum = cumsum(dt * A) over the chunk,  Xd = x * dt
+    # cum = cumsum(dt * A) over the chunk; x enters through U and Xs
     dcum[:, :, -1] += dcum_last
     ddA = dcum.flip(2).cumsum(2).flip(2)  # (b, c, q, h)
-    ddt = ddA * A.float() + (dXd * xc).sum(-1).float()
+    ddt = ddA * A.float() + dU_x * w + dXs_x * Fin
     dA = (ddA * dtc).sum((0, 1, 2))
-    dx = dXd.mul_(dtc.to(dXd.dtype)[..., None])
-    return dx, ddt, dA, dB, dC, dh0
+    torch.mul(dU, (dtc * w).to(dtype)[..., None], out=dx)
+    dx.addcmul_(dXs, (dtc * Fin).to(dtype)[..., None])
+    return ddt, dA, dB, dC, dh0
 
 
 def _to_group_layout(state: Tensor, g: int) -> Tensor:
@@ -157,6 +190,7 @@ class _SSDFunction(torch.autograd.Function):
     def forward(ctx, x, dt, A, B, C, h0, chunk_size):
         seqlen, g = x.shape[1], B.shape[2]
         h0g = _to_group_layout(h0, g) if h0 is not None else None
+        chunk_size = safe_chunk_size(dt, A, chunk_size)
         xc, dtc, Bg, Cg, cum = _chunk(x, dt, A, B, C, chunk_size)
         y, final = _forward(xc, dtc, Bg, Cg, cum, h0g)
         ctx.save_for_backward(x, dt, A, B, C, h0)
@@ -178,26 +212,16 @@ class _SSDFunction(torch.autograd.Function):
         dfinal = _to_group_layout(dfinal, g) if dfinal is not None else x.new_zeros(b, g, n, h // g, p)
         # Two rows at a time: the backward's temporaries are several (L x d_inner) tensors, and
         # slicing the batch bounds them without changing any result.
+        dx = torch.empty_like(xc)
         parts = []
         for start in range(0, b, 2):
             r = slice(start, start + 2)
-            parts.append(
-                _backward(
-                    xc[r],
-                    dtc[r],
-                    Bg[r],
-                    Cg[r],
-                    cum[r],
-                    A,
-                    h0g[r] if h0g is not None else None,
-                    dy[r],
-                    dfinal[r],
-                )
-            )
-        dx, ddt, dB, dC = (torch.cat([part[i] for part in parts]) for i in (0, 1, 3, 4))
-        dA = torch.stack([part[2] for part in parts]).sum(0)
-        dh0 = torch.cat([part[5] for part in parts]) if h0g is not None else None
-        dx = dx.reshape(b, c * q, h, p)[:, :seqlen]
+            h0r = h0g[r] if h0g is not None else None
+            parts.append(_backward(xc[r], dtc[r], Bg[r], Cg[r], cum[r], A, h0r, dy[r], dfinal[r], dx[r]))
+        ddt, dB, dC = (torch.cat([part[i] for part in parts]) for i in (0, 2, 3))
+        dA = torch.stack([part[1] for part in parts]).sum(0)
+        dh0 = torch.cat([part[4] for part in parts]) if h0g is not None else None
+        dx = dx.view(b, c * q, h, p)[:, :seqlen]
         ddt = ddt.reshape(b, c * q, h)[:, :seqlen].to(dt.dtype)
         dB = dB.transpose(2, 3).reshape(b, c * q, g, n)[:, :seqlen]
         dC = dC.transpose(2, 3).reshape(b, c * q, g, n)[:, :seqlen]
