@@ -70,7 +70,7 @@ def _by_head(t: Tensor, h: int) -> Tensor:
     return t.transpose(2, 3).reshape(b, c, q, h, -1)
 
 
-def _intermediates(xc, dtc, Bg, Cg, cum, h0):
+def _intermediates(xc, dtc, Bg, Cg, cum, h0, Hin=None):
     """Everything the output and the backward need, computed without autograd.
 
     Within a chunk, y_i = sum_{j<=i} (C_i . B_j) exp(cum_i - cum_j) dt_j x_j. The decay factors as
@@ -78,7 +78,9 @@ def _intermediates(xc, dtc, Bg, Cg, cum, h0):
     masked matrix Gc = C B^T is shared by all heads of a group and the within-chunk output is one
     GEMM over all of them (Gc @ Xs) instead of one small (q x q) product and decay matrix per
     head. `safe_chunk_size` keeps both factors finite. States use the (g, n, hg*p) layout so that
-    their matmuls also run once per group. Per-token scalars (b, c, q, h) are fp32."""
+    their matmuls also run once per group. Per-token scalars (b, c, q, h) are fp32. With `Hin`
+    (the states entering each chunk, saved by the forward) the state recurrence is skipped and
+    the final state is not returned."""
     b, c, q, h, p = xc.shape
     g, n = Bg.shape[2], Bg.shape[4]
     hg, dtype = h // g, xc.dtype
@@ -89,39 +91,40 @@ def _intermediates(xc, dtc, Bg, Cg, cum, h0):
     Ug = _by_group(xc * (dtc * w).to(dtype)[..., None], g)  # (b, c, g, q, hg*p)
     causal = torch.tril(torch.ones(q, q, dtype=torch.bool, device=xc.device))
     Gc = torch.matmul(Cg, Bg.transpose(-1, -2)).masked_fill_(~causal, 0.0)  # (b, c, g, q, q)
-    ST = torch.matmul(Bg.transpose(-1, -2), Ug).view(b, c, g, n, hg, p)  # each chunk's own state
-
-    # Hin[:, k]: the state entering chunk k (a buffer of its own, so that its matmuls need no copy)
     decay = torch.exp(cum[:, :, -1]).to(dtype).view(b, c, g, 1, hg, 1)  # whole-chunk decay per head
-    Hin = torch.empty(b, c, g, n, hg, p, dtype=dtype, device=xc.device)
-    if h0 is None:
-        Hin[:, 0].zero_()
-    else:
-        Hin[:, 0] = h0
-    for k in range(c - 1):
-        torch.addcmul(ST[:, k], Hin[:, k], decay[:, k], out=Hin[:, k + 1])
-    final = torch.addcmul(ST[:, c - 1], Hin[:, c - 1], decay[:, c - 1])
-    Hin = Hin.view(b, c, g, n, hg * p)
+    final = None
+    if Hin is None:
+        ST = torch.matmul(Bg.transpose(-1, -2), Ug).view(b, c, g, n, hg, p)  # each chunk's own state
+        # Hin[:, k]: the state entering chunk k (a buffer of its own, so its matmuls need no copy)
+        Hin = torch.empty(b, c, g, n, hg, p, dtype=dtype, device=xc.device)
+        if h0 is None:
+            Hin[:, 0].zero_()
+        else:
+            Hin[:, 0] = h0
+        for k in range(c - 1):
+            torch.addcmul(ST[:, k], Hin[:, k], decay[:, k], out=Hin[:, k + 1])
+        final = torch.addcmul(ST[:, c - 1], Hin[:, c - 1], decay[:, c - 1])
+        Hin = Hin.view(b, c, g, n, hg * p)
     Yo = _by_head(torch.matmul(Cg, Hin), h)  # (b, c, q, h, p): the part from earlier chunks
     E = torch.exp(cum)  # (b, c, q, h)
     return final, (Ein, Fin, w, Xs, Gc, Ug, decay, Hin, E, Yo)
 
 
 def _forward(xc, dtc, Bg, Cg, cum, h0):
-    """y (b, c, q, h, p) and the final state (b, g, n, hg, p)."""
+    """y (b, c, q, h, p), the final state (b, g, n, hg, p) and the states entering each chunk."""
     h, g, dtype = xc.shape[3], Bg.shape[2], xc.dtype
-    final, (Ein, _, _, Xs, Gc, _, _, _, E, Yo) = _intermediates(xc, dtc, Bg, Cg, cum, h0)
+    final, (Ein, _, _, Xs, Gc, _, _, Hin, E, Yo) = _intermediates(xc, dtc, Bg, Cg, cum, h0)
     y = Yo.mul_(E.to(dtype)[..., None])
     y.addcmul_(_by_head(torch.matmul(Gc, _by_group(Xs, g)), h), Ein.to(dtype)[..., None])  # within chunks
-    return y, final
+    return y, final, Hin
 
 
-def _backward(xc, dtc, Bg, Cg, cum, A, h0, dy, dfinal, dx):
+def _backward(xc, dtc, Bg, Cg, cum, A, h0, Hin, dy, dfinal, dx):
     """Gradients of `_forward`; dx (b, c, q, h, p) is written in place."""
     b, c, q, h, p = xc.shape
     g, n = Bg.shape[2], Bg.shape[4]
     hg, dtype = h // g, xc.dtype
-    _, (Ein, Fin, w, Xs, Gc, Ug, decay, Hin, E, Yo) = _intermediates(xc, dtc, Bg, Cg, cum, h0)
+    _, (Ein, Fin, w, Xs, Gc, Ug, decay, Hin, E, Yo) = _intermediates(xc, dtc, Bg, Cg, cum, h0, Hin)
 
     # y = Yo * E + T * Ein;  Yo = C Hin;  T = Gc Xs
     dcum = rowdot(dy, Yo).mul_(E)  # (b, c, q, h)
@@ -192,8 +195,10 @@ class _SSDFunction(torch.autograd.Function):
         h0g = _to_group_layout(h0, g) if h0 is not None else None
         chunk_size = safe_chunk_size(dt, A, chunk_size)
         xc, dtc, Bg, Cg, cum = _chunk(x, dt, A, B, C, chunk_size)
-        y, final = _forward(xc, dtc, Bg, Cg, cum, h0g)
-        ctx.save_for_backward(x, dt, A, B, C, h0)
+        y, final, Hin = _forward(xc, dtc, Bg, Cg, cum, h0g)
+        # The chunk states (b, L/q, n, d_inner) are a small fraction of the layer's activations;
+        # keeping them spares the backward their matmul and recurrence.
+        ctx.save_for_backward(x, dt, A, B, C, h0, Hin)
         ctx.chunk_size = chunk_size
         b, c, q, h, p = y.shape
         return y.view(b, c * q, h, p)[:, :seqlen], _from_group_layout(final)
@@ -201,7 +206,7 @@ class _SSDFunction(torch.autograd.Function):
     @staticmethod
     @autocast_off
     def backward(ctx, dy, dfinal):
-        x, dt, A, B, C, h0 = ctx.saved_tensors
+        x, dt, A, B, C, h0, Hin = ctx.saved_tensors
         b, seqlen, h, p = x.shape
         g, n = B.shape[2], B.shape[3]
         q = ctx.chunk_size
@@ -217,7 +222,9 @@ class _SSDFunction(torch.autograd.Function):
         for start in range(0, b, 2):
             r = slice(start, start + 2)
             h0r = h0g[r] if h0g is not None else None
-            parts.append(_backward(xc[r], dtc[r], Bg[r], Cg[r], cum[r], A, h0r, dy[r], dfinal[r], dx[r]))
+            parts.append(
+                _backward(xc[r], dtc[r], Bg[r], Cg[r], cum[r], A, h0r, Hin[r], dy[r], dfinal[r], dx[r])
+            )
         ddt, dB, dC = (torch.cat([part[i] for part in parts]) for i in (0, 2, 3))
         dA = torch.stack([part[1] for part in parts]).sum(0)
         dh0 = torch.cat([part[4] for part in parts]) if h0g is not None else None
