@@ -22,3 +22,18 @@ def tiny_model_dir(tmp_path_factory):
                                      bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
     HybridLM(config).save_pretrained(path)
     return path
+
+
+@pytest.fixture(params=["c-kernels", "pytorch"])
+def kernel_backend(request, monkeypatch):
+    """Run a test on both paths of the fused ops: the compiled CPU kernels (at every size) and
+    the PyTorch fallback."""
+    from mamba_slm.model import kernels
+
+    if request.param == "pytorch":
+        monkeypatch.setattr(kernels, "supports", lambda *tensors: False)
+    elif kernels.library() is None:
+        pytest.skip("no C compiler here: the fused CPU kernels are not built")
+    else:
+        monkeypatch.setattr(kernels, "MIN_ELEMENTS", 0)
+    return request.param

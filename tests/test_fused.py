@@ -4,17 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mamba_slm.model import kernels
 from mamba_slm.model.fused import conv_silu, gated_rms_norm, linear_cross_entropy, rms_norm, rowdot, swiglu
 
-
-@pytest.fixture(params=["c-kernels", "pytorch"], autouse=True)
-def backend(request, monkeypatch):
-    """Every test runs on both paths: the compiled CPU kernels and the PyTorch fallback."""
-    if request.param == "pytorch":
-        monkeypatch.setattr(kernels, "supports", lambda *tensors: False)
-    elif kernels.library() is None:
-        pytest.skip("no C compiler here: the fused CPU kernels are not built")
+pytestmark = pytest.mark.usefixtures("kernel_backend")
 
 
 def _plain_conv_silu(x, weight, bias):

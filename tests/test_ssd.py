@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from mamba_slm.model.ssd import ssd_chunked, ssd_reference
+from mamba_slm.model.ssd import safe_chunk_size, ssd_chunked, ssd_reference
+
+pytestmark = pytest.mark.usefixtures("kernel_backend")
 
 
 def _ssd_inputs(b=2, seqlen=40, h=4, p=8, g=2, n=16):
@@ -43,3 +45,20 @@ def test_ssd_strong_decay_long_sequence_is_finite():
     ref, ref_state = ssd_reference(x, dt, A, B, C)
     assert torch.isfinite(y).all()
     torch.testing.assert_close(y, ref, atol=1e-3, rtol=1e-3)
+
+
+def test_strong_decay_halves_the_chunk_and_stays_exact():
+    """Decays too steep for the factored within-chunk form make the scan use smaller chunks."""
+    inputs = _ssd_inputs(seqlen=48)
+    with torch.no_grad():
+        inputs[1].mul_(40)  # dt * A of tens per token: far past the exponent range in 16 tokens
+    x, dt, A, B, C = inputs
+    assert safe_chunk_size(dt, A, 16) < 16
+    assert safe_chunk_size(dt / 1000, A, 16) == 16
+    out = ssd_chunked(*inputs, chunk_size=16)
+    ref = ssd_reference(*inputs)
+    assert torch.isfinite(out[0]).all()
+    torch.testing.assert_close(out[0], ref[0], atol=1e-4, rtol=1e-4)
+    for g_out, g_ref in zip(_grads(out, inputs), _grads(ref, inputs), strict=True):
+        assert torch.isfinite(g_out).all()
+        torch.testing.assert_close(g_out, g_ref, atol=1e-3, rtol=1e-4)

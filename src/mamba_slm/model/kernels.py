@@ -124,9 +124,15 @@ def _rows(t: Tensor) -> Tensor:
     return rows if rows is not None else t.contiguous().view(-1, t.shape[-1])
 
 
+MIN_ELEMENTS = 16384  # below this (a decode step's rows) PyTorch's dispatch beats a ctypes call
+
+
 def supports(*tensors: Tensor | None) -> bool:
-    """True if the kernels can take these tensors: loaded, fp32, CPU, row-major rows."""
+    """True if the kernels can take these tensors: loaded, fp32, CPU, row-major rows, and the
+    first one large enough to gain from a fused loop."""
     present = [t for t in tensors if t is not None]
+    if present[0].numel() < MIN_ELEMENTS:
+        return False
     if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in present):
         return False
     return library() is not None and all(_as_rows(t) is not None for t in present)
@@ -136,8 +142,9 @@ def _ptr(t: Tensor | None) -> int | None:
     return t.data_ptr() if t is not None else None
 
 
-def _threads() -> int:
-    return torch.get_num_threads()
+def _threads(elements: int) -> int:
+    """PyTorch's threads, or one for small work (a decode step), where waking the pool costs more."""
+    return torch.get_num_threads() if elements >= 32768 else 1
 
 
 def conv_silu_forward(x: Tensor, weight: Tensor, bias: Tensor | None, prev: Tensor | None = None) -> Tensor:
@@ -159,7 +166,7 @@ def conv_silu_forward(x: Tensor, weight: Tensor, bias: Tensor | None, prev: Tens
         seqlen,
         c,
         k,
-        _threads(),
+        _threads(x.numel()),
     )
     return out
 
@@ -178,7 +185,7 @@ def conv_silu_backward(
     xr = _rows(x)
     library().conv_silu_bwd(
         xr.data_ptr(), xr.stride(0), wt.data_ptr(), _ptr(bias), dout.data_ptr(), dx.data_ptr(),
-        dwt.data_ptr(), _ptr(dbias), b, seqlen, c, k, _threads(),
+        dwt.data_ptr(), _ptr(dbias), b, seqlen, c, k, _threads(x.numel()),
     )  # fmt: skip
     return dx, dwt.t().contiguous(), dbias
 
@@ -190,7 +197,7 @@ def gated_norm_forward(y: Tensor, z: Tensor, weight: Tensor, n_groups: int, eps:
     out = torch.empty(y.shape, dtype=y.dtype)
     library().gated_norm_fwd(
         yr.data_ptr(), yr.stride(0), zr.data_ptr(), zr.stride(0), weight.contiguous().data_ptr(),
-        out.data_ptr(), rows, d, d // n_groups, eps, _threads(),
+        out.data_ptr(), rows, d, d // n_groups, eps, _threads(y.numel()),
     )  # fmt: skip
     return out
 
@@ -201,7 +208,7 @@ def gated_norm_backward(
     """(dy, dz, dweight) of `gated_norm_forward`."""
     yr, zr = _rows(y), _rows(z)
     rows, d = yr.shape
-    threads = _threads()
+    threads = _threads(y.numel())
     dout = dout.contiguous()
     dy, dz = torch.empty(y.shape, dtype=y.dtype), torch.empty(y.shape, dtype=y.dtype)
     dweight, partial = torch.empty(d, dtype=y.dtype), torch.empty(threads, d, dtype=y.dtype)
@@ -216,7 +223,7 @@ def gated_norm_backward(
 def swiglu_forward(gate: Tensor, up: Tensor) -> Tensor:
     gate, up = gate.contiguous(), up.contiguous()
     out = torch.empty_like(gate)
-    library().swiglu_fwd(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(), _threads())
+    library().swiglu_fwd(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(), _threads(gate.numel()))
     return out
 
 
@@ -230,7 +237,7 @@ def swiglu_backward(gate: Tensor, up: Tensor, dout: Tensor) -> tuple[Tensor, Ten
         dgate.data_ptr(),
         dup.data_ptr(),
         gate.numel(),
-        _threads(),
+        _threads(gate.numel()),
     )
     return dgate, dup
 
@@ -247,7 +254,7 @@ def rowdot(a: Tensor, b: Tensor) -> Tensor:
         out.data_ptr(),
         ar.shape[0],
         ar.shape[1],
-        _threads(),
+        _threads(a.numel()),
     )
     return out
 
@@ -263,7 +270,7 @@ def rms_norm_forward(x: Tensor, weight: Tensor, eps: float) -> Tensor:
         out.data_ptr(),
         *xr.shape,
         eps,
-        _threads(),
+        _threads(x.numel()),
     )
     return out
 
@@ -272,7 +279,7 @@ def rms_norm_backward(x: Tensor, weight: Tensor, dout: Tensor, eps: float) -> tu
     """(dx, dweight) of `rms_norm_forward`."""
     xr = _rows(x)
     rows, d = xr.shape
-    threads = _threads()
+    threads = _threads(x.numel())
     dout = dout.contiguous()
     dx, dweight = torch.empty(x.shape, dtype=x.dtype), torch.empty(d, dtype=x.dtype)
     partial = torch.empty(threads, d, dtype=x.dtype)
@@ -291,6 +298,11 @@ def softmax_cross_entropy_(logits: Tensor, targets: Tensor, scale: Tensor) -> Te
     targets, scale = targets.contiguous(), scale.float().contiguous()
     loss = torch.empty(logits.shape[0], dtype=torch.float32)
     library().softmax_xent(
-        logits.data_ptr(), *logits.shape, targets.data_ptr(), scale.data_ptr(), loss.data_ptr(), _threads()
+        logits.data_ptr(),
+        *logits.shape,
+        targets.data_ptr(),
+        scale.data_ptr(),
+        loss.data_ptr(),
+        _threads(logits.numel()),
     )
     return loss

@@ -152,16 +152,22 @@ def _backward(xc, dtc, Bg, Cg, cum, A, h0, Hin, dy, dfinal, dx):
     dcum_last += dw.sum(2)
     dcum -= dw
 
-    # T = Gc Xs,  Xs = x dt Fin;  Ein = exp(cum - m), Fin = exp(m - cum) (y does not depend on m)
+    # T = Gc Xs,  Xs = x dt Fin;  Ein = exp(cum - m), Fin = exp(m - cum) (y does not depend on m).
+    # Token i's own term (Gc_ii dt_i x_i) does not depend on cum; leaving it out of the two dcum
+    # sums (strictly lower Gs) avoids cancelling it against itself in fp32 when decays are steep.
     Xg = _by_group(Xs, g)
-    dcum += rowdot(dy, _by_head(torch.matmul(Gc, Xg), h)).mul_(Ein)
-    dTg = _by_group(dy * Ein.to(dtype)[..., None], g)
     causal = torch.tril(torch.ones(q, q, dtype=torch.bool, device=xc.device))
+    Gs = Gc.masked_fill(~torch.tril(causal, diagonal=-1), 0.0)
+    dcum += rowdot(dy, _by_head(torch.matmul(Gs, Xg), h)).mul_(Ein)
+    dT = dy * Ein.to(dtype)[..., None]  # (b, c, q, h, p)
+    dTg = _by_group(dT, g)
     dGc = torch.matmul(dTg, Xg.transpose(-1, -2)).masked_fill_(~causal, 0.0)  # (b, c, g, q, q)
-    dXs = _by_head(torch.matmul(Gc.transpose(-1, -2), dTg), h)  # (b, c, q, h, p)
-    del dTg
+    dXs = _by_head(torch.matmul(Gs.transpose(-1, -2), dTg), h)  # (b, c, q, h, p), own terms excluded
+    dcum -= rowdot(dXs, xc).mul_(dtc * Fin)
+    own = Gc.diagonal(dim1=-2, dim2=-1).transpose(2, 3)  # (b, c, q, g): C_i . B_i
+    dXs.view(b, c, q, g, hg, p).addcmul_(dT.view(b, c, q, g, hg, p), own[..., None, None])
+    del dT, dTg
     dXs_x = rowdot(dXs, xc)
-    dcum -= dXs_x * dtc * Fin
     dC += torch.matmul(dGc, Bg)
     dB += torch.matmul(dGc.transpose(-1, -2), Cg)
 
