@@ -31,7 +31,7 @@ def kernel_backend(request, monkeypatch):
     from mamba_slm.model import kernels
 
     if request.param == "pytorch":
-        monkeypatch.setattr(kernels, "supports", lambda *tensors: False)
+        monkeypatch.setattr(kernels, "supports", lambda *tensors, **kwargs: False)
     elif kernels.library() is None:
         pytest.skip("no C compiler here: the fused CPU kernels are not built")
     else:

@@ -112,3 +112,54 @@ def test_softmax_cross_entropy_rows_and_gradients():
     loss = kernels.softmax_cross_entropy_(got, targets, scale)
     torch.testing.assert_close(loss, want_loss, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got, want_grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_linear_rows_matches_matmul(rows):
+    torch.manual_seed(5)
+    x, weight, bias = torch.randn(rows, 37), torch.randn(23, 37), torch.randn(23)  # 23: not a multiple of 4
+    torch.testing.assert_close(
+        kernels.linear_rows(x, weight, bias), x @ weight.t() + bias, atol=1e-5, rtol=1e-5
+    )
+    torch.testing.assert_close(kernels.linear_rows(x, weight, None), x @ weight.t(), atol=1e-5, rtol=1e-5)
+
+
+def test_decode_projection_uses_the_kernel_and_matches_f_linear(monkeypatch):
+    from mamba_slm.model.linear import Linear
+
+    calls = []
+    real = kernels.linear_rows
+    monkeypatch.setattr(kernels, "linear_rows", lambda *a: calls.append(1) or real(*a))
+    layer = Linear(64, 48, bias=True)
+    x = torch.randn(3, 1, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+    assert calls  # few rows, no autograd: the kernel ran
+    layer(torch.randn(3, 64, requires_grad=True)).sum().backward()  # training: F.linear, with gradients
+    assert len(calls) == 1 and layer.weight.grad is not None
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fused_mamba2_step_matches_the_pytorch_step(batch, monkeypatch):
+    from mamba_slm import ModelConfig
+    from mamba_slm.model.cache import MambaState
+    from mamba_slm.model.ssm import Mamba2Mixer
+
+    torch.manual_seed(6)
+    mixer = Mamba2Mixer(ModelConfig.from_preset("tiny", n_groups=2), layer_idx=0)
+    with torch.no_grad():
+        for p in (mixer.dt_bias, mixer.D, mixer.norm.weight, mixer.conv1d.bias):
+            p.add_(torch.randn_like(p) * 0.3)
+    conv = torch.randn(batch, mixer.conv1d.kernel_size[0] - 1, mixer.conv_dim)
+    ssm_state = torch.randn(batch, mixer.n_heads, mixer.head_dim, mixer.d_state)
+    hidden = torch.randn(batch, 1, mixer.in_proj.in_features)
+    fused_state = MambaState(conv.clone(), ssm_state.clone())
+    plain_state = MambaState(conv.clone(), ssm_state.clone())
+    with torch.no_grad():
+        assert mixer._fused_step_ok(mixer.in_proj(hidden[:, 0]), fused_state)
+        fused = mixer.step(hidden, fused_state)
+        monkeypatch.setattr(kernels, "supports", lambda *t, **k: False)
+        plain = mixer.step(hidden, plain_state)
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(fused_state.conv, plain_state.conv)
+    torch.testing.assert_close(fused_state.ssm, plain_state.ssm, atol=1e-5, rtol=1e-5)

@@ -256,3 +256,103 @@ void softmax_xent(float *logits, long rows, long V, const long *targets, const f
         if (t >= 0) x[t] -= sc;
     }
 }
+
+/* ------------------------------------------------------------------ few-row linear (decode) */
+
+static void dot4(const float *restrict w, long K, const float *restrict x, float *restrict out) {
+    const float *restrict w1 = w + K, *restrict w2 = w + 2 * K, *restrict w3 = w + 3 * K;
+    float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+    for (long k = 0; k < K; k++) {
+        float v = x[k];
+        a0 += w[k] * v;
+        a1 += w1[k] * v;
+        a2 += w2[k] * v;
+        a3 += w3[k] * v;
+    }
+    out[0] = a0, out[1] = a1, out[2] = a2, out[3] = a3;
+}
+
+static float dot1(const float *restrict w, const float *restrict x, long K) {
+    float acc = 0.0f;
+    for (long k = 0; k < K; k++) acc += w[k] * x[k];
+    return acc;
+}
+
+/* y (R x N) = x (R x K) W^T + bias, W (N x K). Each thread streams its own block of weight rows
+ * once and, while four rows sit in L1, multiplies them with every input row: decode steps are
+ * bound by reading the weights, and a few input rows ride along almost free. */
+void linear_rows(const float *x, long x_ld, const float *W, const float *bias, float *y, long R, long N,
+                 long K, int nt) {
+    if (R == 1) { /* one stream per thread prefetches best when there is a single row */
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (long n = 0; n < N; n++) y[n] = dot1(W + n * K, x, K) + (bias ? bias[n] : 0.0f);
+        return;
+    }
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (long n = 0; n < N - 3; n += 4) {
+        float t[4];
+        for (long r = 0; r < R; r++) {
+            dot4(W + n * K, K, x + r * x_ld, t);
+            for (int i = 0; i < 4; i++) y[r * N + n + i] = t[i] + (bias ? bias[n + i] : 0.0f);
+        }
+    }
+    for (long n = N / 4 * 4; n < N; n++)
+        for (long r = 0; r < R; r++) y[r * N + n] = dot1(W + n * K, x + r * x_ld, K) + (bias ? bias[n] : 0.0f);
+}
+
+/* ------------------------------------------------------------------ Mamba-2 decode step */
+
+static inline float softplus(float v) { return v > 20.0f ? v : log1pf(expf(v)); }
+
+/* One token through a Mamba-2 mixer, between in_proj and out_proj, for each of R rows:
+ * zxbcdt (R x (d_inner + conv_dim + H)) -> out (R x d_inner), advancing the conv window
+ * (R x (K-1) x conv_dim) and the SSM state (R x H x P x N) in place. The same math as
+ * Mamba2Mixer.step's PyTorch ops (conv, SiLU, softplus, SSD recurrence, D skip, gated RMSNorm),
+ * as one call instead of about thirty small ones. */
+void mamba2_step(const float *zxbcdt, long zx_ld, float *conv_state, const float *conv_w,
+                 const float *conv_b, const float *dt_bias, const float *A_log, const float *D,
+                 float *ssm, const float *norm_w, float *out, float *scratch, long R, long d_inner,
+                 long H, long P, long G, long N, long K, long norm_groups, float eps, int nt) {
+    long conv_dim = d_inner + 2 * G * N;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (long r = 0; r < R; r++) {
+        const float *z = zxbcdt + r * zx_ld, *xbc = z + d_inner, *dtr = xbc + conv_dim;
+        float *restrict win = conv_state + r * (K - 1) * conv_dim;
+        float *restrict act = scratch + r * conv_dim; /* conv + SiLU output: x, B, C */
+        for (long c = 0; c < conv_dim; c++) {
+            float v = conv_b ? conv_b[c] : 0.0f;
+            for (long i = 0; i < K - 1; i++) v += conv_w[c * K + i] * win[i * conv_dim + c];
+            v += conv_w[c * K + K - 1] * xbc[c];
+            act[c] = v * sigmoid(v);
+        }
+        for (long i = 0; i < K - 2; i++) memcpy(win + i * conv_dim, win + (i + 1) * conv_dim, conv_dim * sizeof(float));
+        if (K > 1) memcpy(win + (K - 2) * conv_dim, xbc, conv_dim * sizeof(float));
+        const float *x = act, *B = act + d_inner, *C = B + G * N;
+        float *restrict y = out + r * d_inner;
+        for (long h = 0; h < H; h++) {
+            float dt = softplus(dtr[h] + dt_bias[h]);
+            float decay = expf(-expf(A_log[h]) * dt);
+            const float *restrict Bg = B + (h / (H / G)) * N, *restrict Cg = C + (h / (H / G)) * N;
+            for (long p = 0; p < P; p++) {
+                float *restrict st = ssm + ((r * H + h) * P + p) * N;
+                float xdt = x[h * P + p] * dt, acc = 0.0f;
+                for (long n = 0; n < N; n++) {
+                    st[n] = st[n] * decay + xdt * Bg[n];
+                    acc += st[n] * Cg[n];
+                }
+                y[h * P + p] = acc + D[h] * x[h * P + p];
+            }
+        }
+        long gs = d_inner / norm_groups;
+        for (long g0 = 0; g0 < d_inner; g0 += gs) {
+            float ss = 0.0f;
+            for (long c = g0; c < g0 + gs; c++) {
+                float u = y[c] * z[c] * sigmoid(z[c]);
+                y[c] = u;
+                ss += u * u;
+            }
+            float rs = 1.0f / sqrtf(ss / gs + eps);
+            for (long c = g0; c < g0 + gs; c++) y[c] *= rs * norm_w[c];
+        }
+    }
+}

@@ -45,6 +45,8 @@ _SIGNATURES = {
     "rms_norm_fwd": [_P, _L, _P, _P, _L, _L, _F, _I],
     "rms_norm_bwd": [_P, _L, _P, _P, _P, _P, _P, _L, _L, _F, _I],
     "softmax_xent": [_P, _L, _L, _P, _P, _P, _I],
+    "linear_rows": [_P, _L, _P, _P, _P, _L, _L, _L, _I],
+    "mamba2_step": [_P, _L, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P] + [_L] * 8 + [_F, _I],
 }
 
 
@@ -127,11 +129,11 @@ def _rows(t: Tensor) -> Tensor:
 MIN_ELEMENTS = 16384  # below this (a decode step's rows) PyTorch's dispatch beats a ctypes call
 
 
-def supports(*tensors: Tensor | None) -> bool:
+def supports(*tensors: Tensor | None, min_elements: int | None = None) -> bool:
     """True if the kernels can take these tensors: loaded, fp32, CPU, row-major rows, and the
-    first one large enough to gain from a fused loop."""
+    first one large enough (`min_elements`, default MIN_ELEMENTS) to gain from a fused loop."""
     present = [t for t in tensors if t is not None]
-    if present[0].numel() < MIN_ELEMENTS:
+    if present[0].numel() < (MIN_ELEMENTS if min_elements is None else min_elements):
         return False
     if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in present):
         return False
@@ -306,3 +308,34 @@ def softmax_cross_entropy_(logits: Tensor, targets: Tensor, scale: Tensor) -> Te
         _threads(logits.numel()),
     )
     return loss
+
+
+def linear_rows(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """x @ weight.T + bias for a few rows of a contiguous x (..., in) -> (..., out), contiguous weight.
+    Lean on purpose: it runs for every projection of every decode step."""
+    out_features, in_features = weight.shape
+    y = torch.empty(*x.shape[:-1], out_features, dtype=x.dtype)
+    library().linear_rows(
+        x.data_ptr(), in_features, weight.data_ptr(), bias.data_ptr() if bias is not None else None,
+        y.data_ptr(), x.numel() // in_features, out_features, in_features, torch.get_num_threads(),
+    )  # fmt: skip
+    return y
+
+
+def mamba2_step(mixer, zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor) -> Tensor:
+    """A Mamba2Mixer's one-token step between in_proj and out_proj, fused: zxbcdt (b, in_proj
+    width) -> (b, d_inner), advancing the contiguous fp32 conv and SSM states in place."""
+    rows = zxbcdt.shape[0]
+    m = mixer
+    out = torch.empty(rows, m.d_inner, dtype=zxbcdt.dtype)
+    scratch = torch.empty(rows, m.conv_dim, dtype=zxbcdt.dtype)
+    weight = m.conv1d.weight.view(m.conv_dim, -1)
+    bias = m.conv1d.bias
+    library().mamba2_step(
+        zxbcdt.data_ptr(), zxbcdt.stride(0), conv_state.data_ptr(), weight.data_ptr(),
+        bias.data_ptr() if bias is not None else None, m.dt_bias.data_ptr(), m.A_log.data_ptr(),
+        m.D.data_ptr(), ssm_state.data_ptr(), m.norm.weight.data_ptr(), out.data_ptr(), scratch.data_ptr(),
+        rows, m.d_inner, m.n_heads, m.head_dim, m.n_groups, m.d_state, weight.shape[1], m.norm.n_groups,
+        m.norm.eps, min(rows, torch.get_num_threads()),
+    )  # fmt: skip
+    return out

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
+from . import kernels
 from .cache import MambaState
 from .fused import conv_silu, gated_rms_norm
 from .linear import Linear
@@ -184,10 +185,25 @@ class Mamba2Mixer(nn.Module):
         )
         return self.out_proj(self.norm(y.reshape(b, seqlen, self.d_inner), z))
 
+    def _fused_step_ok(self, zxbcdt: Tensor, state: MambaState) -> bool:
+        params = (self.conv1d.weight, self.dt_bias, self.A_log, self.D, self.norm.weight)
+        return (
+            not torch.compiler.is_compiling()
+            and not torch.is_grad_enabled()
+            and zxbcdt.stride(-1) == 1
+            and state.conv.is_contiguous()
+            and state.ssm.is_contiguous()
+            and all(p.is_contiguous() for p in params)
+            and kernels.supports(zxbcdt, state.conv, state.ssm, *params, self.conv1d.bias, min_elements=0)
+        )
+
     def step(self, hidden: Tensor, state: MambaState) -> Tensor:
         """hidden: (b, 1, d_model) -> (b, 1, d_model), advancing `state` by one token."""
         b = hidden.shape[0]
-        z, xBC, dt = self._split(self.in_proj(hidden[:, 0]))
+        zxbcdt = self.in_proj(hidden[:, 0])
+        if self._fused_step_ok(zxbcdt, state):
+            return self.out_proj(kernels.mamba2_step(self, zxbcdt, state.conv, state.ssm)[:, None])
+        z, xBC, dt = self._split(zxbcdt)
         xBC = F.silu(causal_conv_step(xBC, self.conv1d, state))
         x, B, C = torch.split(
             xBC, [self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], -1
