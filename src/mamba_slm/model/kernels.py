@@ -132,6 +132,8 @@ MIN_ELEMENTS = 16384  # below this (a decode step's rows) PyTorch's dispatch bea
 def supports(*tensors: Tensor | None, min_elements: int | None = None) -> bool:
     """True if the kernels can take these tensors: loaded, fp32, CPU, row-major rows, and the
     first one large enough (`min_elements`, default MIN_ELEMENTS) to gain from a fused loop."""
+    if torch.compiler.is_compiling():  # inside torch.compile: the traced PyTorch ops, never ctypes
+        return False
     present = [t for t in tensors if t is not None]
     if present[0].numel() < (MIN_ELEMENTS if min_elements is None else min_elements):
         return False

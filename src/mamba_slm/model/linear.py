@@ -35,11 +35,11 @@ class Linear(nn.Linear):
         ):
             return F.linear(x, self.weight, self.bias)
         if (
-            x.dtype is torch.float32
+            not torch.compiler.is_compiling()
+            and x.dtype is torch.float32
             and x.is_contiguous()
             and self.weight.is_contiguous()
             and kernels.library() is not None
-            and not torch.compiler.is_compiling()
         ):
             return kernels.linear_rows(x, self.weight, self.bias)
         parts = 4 if out_features % 4 == 0 else (2 if out_features % 2 == 0 else 1)
