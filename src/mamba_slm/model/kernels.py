@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .. import data
+
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAG_SETS = (
     ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"],
@@ -51,8 +53,8 @@ _SIGNATURES = {
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("MAMBA_SLM_CACHE") or os.environ.get("XDG_CACHE_HOME")
-    return (Path(root) if root else Path.home() / ".cache") / "mamba_slm" / "kernels"
+    """Beside the downloaded corpora: ~/.cache/mamba-slm/kernels (MAMBA_SLM_CACHE moves both)."""
+    return data.cache_dir() / "kernels"
 
 
 def _cpu_id() -> str:
