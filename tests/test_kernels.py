@@ -163,3 +163,13 @@ def test_fused_mamba2_step_matches_the_pytorch_step(batch, monkeypatch):
     torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(fused_state.conv, plain_state.conv)
     torch.testing.assert_close(fused_state.ssm, plain_state.ssm, atol=1e-5, rtol=1e-5)
+
+
+def test_linear_rows_operator_for_compiled_graphs():
+    x, weight, bias = torch.randn(4, 1, 24), torch.randn(12, 24), torch.randn(12)
+    torch.testing.assert_close(
+        torch.ops.mamba_slm.linear_rows(x, weight, bias), F.linear(x, weight, bias), atol=1e-5, rtol=1e-5
+    )
+    torch.library.opcheck(
+        kernels.linear_rows_op, (x, weight, bias), test_utils=("test_schema", "test_faketensor")
+    )

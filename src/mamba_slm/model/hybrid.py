@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
+from . import kernels
 from .attention import Attention, AttentionInputs, build_attention_inputs, rope_inv_freq
 from .cache import HybridCache, MambaState
 from .fused import linear_cross_entropy, rms_norm, swiglu
@@ -236,6 +237,8 @@ class HybridLM(nn.Module):
 
         def compiled(fn):
             return torch.compile(fn, mode=mode, dynamic=False)
+
+        kernels.library()  # loaded first, so that the compiled steps call its few-row products
 
         for block in self.layers:
             if block.kind == "M":

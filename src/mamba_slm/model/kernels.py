@@ -83,6 +83,9 @@ def _build(compiler: str, flags: list[str], target: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+loaded = False  # set once the library is loaded: a plain global that torch.compile can read
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None (no compiler, a failed build, or MAMBA_SLM_KERNELS=0)."""
@@ -109,6 +112,8 @@ def library() -> ctypes.CDLL | None:
         for name, argtypes in _SIGNATURES.items():
             getattr(lib, name).argtypes = argtypes
             getattr(lib, name).restype = None
+        global loaded
+        loaded = True
         return lib
     warnings.warn(f"mamba-slm: fused CPU kernels unavailable, using PyTorch ops ({errors[-1]})", stacklevel=2)
     return None
@@ -343,3 +348,15 @@ def mamba2_step(mixer, zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor) ->
         m.norm.eps, min(rows, torch.get_num_threads()),
     )  # fmt: skip
     return out
+
+
+@torch.library.custom_op("mamba_slm::linear_rows", mutates_args=())
+def linear_rows_op(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """`linear_rows` as a PyTorch operator, so that code compiled with torch.compile can call the
+    kernel (ctypes cannot be traced). Eager code calls `linear_rows` directly: cheaper dispatch."""
+    return linear_rows(x.contiguous(), weight.contiguous(), bias)
+
+
+@linear_rows_op.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])

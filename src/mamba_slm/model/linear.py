@@ -34,14 +34,14 @@ class Linear(nn.Linear):
             or torch.is_autocast_enabled("cpu")
         ):
             return F.linear(x, self.weight, self.bias)
-        if (
-            not torch.compiler.is_compiling()
-            and x.dtype is torch.float32
-            and x.is_contiguous()
-            and self.weight.is_contiguous()
-            and kernels.library() is not None
-        ):
-            return kernels.linear_rows(x, self.weight, self.bias)
+        if x.dtype is torch.float32 and x.is_contiguous() and self.weight.is_contiguous():
+            if torch.compiler.is_compiling():
+                # In a compiled graph the operator's Python dispatch costs more than it saves for a
+                # single row (the batched matmul below compiles well); from two rows on it wins.
+                if kernels.loaded and rows > 1:
+                    return torch.ops.mamba_slm.linear_rows(x, self.weight, self.bias)
+            elif kernels.library() is not None:
+                return kernels.linear_rows(x, self.weight, self.bias)
         parts = 4 if out_features % 4 == 0 else (2 if out_features % 2 == 0 else 1)
         if parts == 1:
             return F.linear(x, self.weight, self.bias)
