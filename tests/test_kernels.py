@@ -173,3 +173,13 @@ def test_linear_rows_operator_for_compiled_graphs():
     torch.library.opcheck(
         kernels.linear_rows_op, (x, weight, bias), test_utils=("test_schema", "test_faketensor")
     )
+
+
+def test_one_query_attention_matches_sdpa_on_cache_views():
+    torch.manual_seed(7)
+    cache_k, cache_v = torch.randn(2, 2, 50, 16), torch.randn(2, 2, 50, 16)  # capacity 50, 37 used
+    k, v = cache_k[:, :, :37], cache_v[:, :, :37]
+    q = torch.randn(2, 1, 8, 16).transpose(1, 2)  # (b, h, 1, d) as Attention.project returns it
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1))
+    got = kernels.attend_one(q, k, v)  # 8 query heads over 2 KV heads
+    torch.testing.assert_close(got, want.transpose(1, 2).reshape(2, 1, 128), atol=1e-5, rtol=1e-5)

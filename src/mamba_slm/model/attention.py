@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
+from . import kernels
 from .cache import HybridCache
 from .linear import Linear
 
@@ -158,6 +159,16 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.append_kv(self.layer_idx, k, v)  # (b, hkv, T, hd)
         repeat = self.n_heads // self.n_kv_heads
+        if (
+            q_len == 1
+            and inputs.mask is None
+            and not torch.compiler.is_compiling()
+            and q.device.type == "cpu"
+            and q.dtype == k.dtype == v.dtype == torch.float32
+            and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+            and kernels.library() is not None
+        ):
+            return kernels.attend_one(q, k, v)  # one pass over the cache, GQA without copies
         if repeat > 1 and q_len == 1 and (inputs.mask is None or inputs.mask.shape[1] == 1):
             # One query per head: a KV head's `repeat` query heads are `repeat` queries against it,
             # so GQA decode reads each cached key once instead of copying the cache `repeat` times.

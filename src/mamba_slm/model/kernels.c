@@ -356,3 +356,36 @@ void mamba2_step(const float *zxbcdt, long zx_ld, float *conv_state, const float
         }
     }
 }
+
+/* ------------------------------------------------------------------ one-query attention (decode) */
+
+/* out[b, h] = softmax(scale * K[b, kv] q[b, h]) V[b, kv] over T cached keys, kv = h / (H / Hkv),
+ * for every (row, head) in parallel: each head's keys and values are read once, in order. Strides
+ * are in floats (batch, head, token); the last dimension D is contiguous. */
+void attend_one(const float *q, long q_bs, long q_hs, const float *k, long k_bs, long k_hs, long k_ts,
+                const float *v, long v_bs, long v_hs, long v_ts, float *out, float *scratch, long B, long H,
+                long Hkv, long T, long D, float scale, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (long bh = 0; bh < B * H; bh++) {
+        long b = bh / H, h = bh % H, kv = h / (H / Hkv);
+        const float *restrict qv = q + b * q_bs + h * q_hs;
+        const float *kb = k + b * k_bs + kv * k_hs, *vb = v + b * v_bs + kv * v_hs;
+        float *restrict s = scratch + bh * T, *restrict o = out + bh * D;
+        float m = -INFINITY;
+        for (long t = 0; t < T; t++) {
+            s[t] = dot1(kb + t * k_ts, qv, D) * scale;
+            m = fmaxf(m, s[t]);
+        }
+        float sum = 0.0f;
+        for (long t = 0; t < T; t++) {
+            s[t] = expf(s[t] - m);
+            sum += s[t];
+        }
+        memset(o, 0, D * sizeof(float));
+        for (long t = 0; t < T; t++) {
+            const float *restrict vt = vb + t * v_ts;
+            float w = s[t] / sum;
+            for (long d = 0; d < D; d++) o[d] += w * vt[d];
+        }
+    }
+}
