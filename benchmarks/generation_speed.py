@@ -68,7 +68,7 @@ def main() -> None:
     )
     parser.add_argument("--write", type=Path, help="update this markdown file's section")
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     tune_cpu_allocator()
     torch.manual_seed(0)
