@@ -44,6 +44,9 @@ class HybridCache:
         self.capacity = max(1, capacity)
         self.valid = torch.zeros(batch_size, self.capacity, dtype=torch.bool, device=device)
         self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
+        # Whether any slot may be padding: set by the first masked pass and kept (row operations
+        # only keep or repeat rows), so a decode step does not scan `valid`.
+        self.padded = False
         self.layers: list[MambaState | KVState] = []
         c = config
         for kind in c.layer_pattern:
@@ -87,6 +90,7 @@ class HybridCache:
             positions = self.next_pos[:, None] + torch.arange(new_len, device=self.valid.device)
         else:
             self.valid[:, sl] = mask
+            self.padded = True
             positions = (self.next_pos[:, None] + mask.long().cumsum(1) - 1).clamp_min(0)
         return positions
 
@@ -107,7 +111,7 @@ class HybridCache:
         return self.valid[:, : self.seqlen + new_len]
 
     def has_padding(self, new_len: int) -> bool:
-        return not bool(self.key_valid(new_len).all())
+        return self.padded and not bool(self.key_valid(new_len).all())
 
     # ------------------------------------------------------------------ row operations
     def select_rows(self, index: Tensor) -> HybridCache:

@@ -25,27 +25,28 @@ MAX_ROWS = 16  # above this the weight is re-read often enough that MKL's gemm i
 
 class Linear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
-        rows, out_features = x.numel() // x.shape[-1], self.weight.shape[0]
+        weight, bias = self.weight, self.bias  # module attribute lookups are slow; this runs per step
+        rows, out_features = x.numel() // x.shape[-1], weight.shape[0]
         if (
             rows > MAX_ROWS
             or x.device.type != "cpu"
-            or x.dtype != self.weight.dtype
-            or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+            or x.dtype != weight.dtype
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             or torch.is_autocast_enabled("cpu")
         ):
-            return F.linear(x, self.weight, self.bias)
-        if x.dtype is torch.float32 and x.is_contiguous() and self.weight.is_contiguous():
+            return F.linear(x, weight, bias)
+        if x.dtype is torch.float32 and x.is_contiguous() and weight.is_contiguous():
             if torch.compiler.is_compiling():
                 # In a compiled graph the operator's Python dispatch costs more than it saves for a
                 # single row (the batched matmul below compiles well); from two rows on it wins.
                 if kernels.loaded and rows > 1:
-                    return torch.ops.mamba_slm.linear_rows(x, self.weight, self.bias)
+                    return torch.ops.mamba_slm.linear_rows(x, weight, bias)
             elif kernels.library() is not None:
-                return kernels.linear_rows(x, self.weight, self.bias)
+                return kernels.linear_rows(x, weight, bias)
         parts = 4 if out_features % 4 == 0 else (2 if out_features % 2 == 0 else 1)
         if parts == 1:
-            return F.linear(x, self.weight, self.bias)
-        blocks = self.weight.view(parts, out_features // parts, -1)  # (parts, out/parts, in)
+            return F.linear(x, weight, bias)
+        blocks = weight.view(parts, out_features // parts, -1)  # (parts, out/parts, in)
         xt = x.reshape(rows, -1).t().expand(parts, -1, -1)  # (parts, in, rows)
         out = torch.bmm(blocks, xt).permute(2, 0, 1).reshape(*x.shape[:-1], out_features)
-        return out + self.bias if self.bias is not None else out
+        return out + bias if bias is not None else out

@@ -186,15 +186,17 @@ class Mamba2Mixer(nn.Module):
         return self.out_proj(self.norm(y.reshape(b, seqlen, self.d_inner), z))
 
     def _fused_step_ok(self, zxbcdt: Tensor, state: MambaState) -> bool:
-        params = (self.conv1d.weight, self.dt_bias, self.A_log, self.D, self.norm.weight)
+        """Whether kernels.mamba2_step can take this step: fp32 on a CPU, contiguous states and
+        parameters, no autograd, not inside torch.compile (checked cheaply: it runs per step)."""
+        if torch.compiler.is_compiling() or torch.is_grad_enabled() or kernels.library() is None:
+            return False
+        params = (self.conv1d.weight, self.conv1d.bias, self.dt_bias, self.A_log, self.D, self.norm.weight)
+        tensors = (zxbcdt, state.conv, state.ssm, *(p for p in params if p is not None))
         return (
-            not torch.compiler.is_compiling()
-            and not torch.is_grad_enabled()
+            zxbcdt.device.type == "cpu"
             and zxbcdt.stride(-1) == 1
-            and state.conv.is_contiguous()
-            and state.ssm.is_contiguous()
-            and all(p.is_contiguous() for p in params)
-            and kernels.supports(zxbcdt, state.conv, state.ssm, *params, self.conv1d.bias, min_elements=0)
+            and all(t.dtype is torch.float32 for t in tensors)
+            and all(t.is_contiguous() for t in tensors[1:])
         )
 
     def step(self, hidden: Tensor, state: MambaState) -> Tensor:
