@@ -32,6 +32,7 @@ def kernel_backend(request, monkeypatch):
 
     if request.param == "pytorch":
         monkeypatch.setattr(kernels, "supports", lambda *tensors, **kwargs: False)
+        monkeypatch.setattr(kernels, "fp32_cpu", lambda *tensors: False)
     elif kernels.library() is None:
         pytest.skip("no C compiler here: the fused CPU kernels are not built")
     else:

@@ -194,7 +194,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """RMSNorm over the last dim, times weight: fused CPU kernels for fp32, else F.rms_norm.
     At every size: F.rms_norm is a composite of six ops, slower than one ctypes call even for the
     single row of a decode step."""
-    if not kernels.supports(x, weight, min_elements=0):
+    if not kernels.fp32_cpu(x, weight):
         return F.rms_norm(x, weight.shape, weight, eps)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _RMSNorm.apply(x, weight, eps)

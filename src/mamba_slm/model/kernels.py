@@ -137,17 +137,22 @@ def _rows(t: Tensor) -> Tensor:
 MIN_ELEMENTS = 16384  # below this (a decode step's rows) PyTorch's dispatch beats a ctypes call
 
 
-def supports(*tensors: Tensor | None, min_elements: int | None = None) -> bool:
-    """True if the kernels can take these tensors: loaded, fp32, CPU, row-major rows, and the
-    first one large enough (`min_elements`, default MIN_ELEMENTS) to gain from a fused loop."""
+def fp32_cpu(*tensors: Tensor | None) -> bool:
+    """True if the kernels are loaded and these tensors are fp32 on a CPU (outside torch.compile).
+    Enough for kernels that take any layout (they copy what is not row-major)."""
     if torch.compiler.is_compiling():  # inside torch.compile: the traced PyTorch ops, never ctypes
         return False
     present = [t for t in tensors if t is not None]
+    return library() is not None and all(t.dtype is torch.float32 and t.device.type == "cpu" for t in present)
+
+
+def supports(*tensors: Tensor | None, min_elements: int | None = None) -> bool:
+    """`fp32_cpu`, with row-major rows (the kernel reads them in place), and the first tensor
+    large enough (`min_elements`, default MIN_ELEMENTS) to gain from a fused loop."""
+    present = [t for t in tensors if t is not None]
     if present[0].numel() < (MIN_ELEMENTS if min_elements is None else min_elements):
         return False
-    if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in present):
-        return False
-    return library() is not None and all(_as_rows(t) is not None for t in present)
+    return fp32_cpu(*present) and all(_as_rows(t) is not None for t in present)
 
 
 def _ptr(t: Tensor | None) -> int | None:
