@@ -183,3 +183,28 @@ def test_one_query_attention_matches_sdpa_on_cache_views():
     want = F.scaled_dot_product_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1))
     got = kernels.attend_one(q, k, v)  # 8 query heads over 2 KV heads
     torch.testing.assert_close(got, want.transpose(1, 2).reshape(2, 1, 128), atol=1e-5, rtol=1e-5)
+
+
+def test_fused_mlp_branch_matches_the_modules_and_never_skips_an_adapter(monkeypatch):
+    from peft import LoraConfig, get_peft_model
+
+    from mamba_slm import HybridLM, ModelConfig
+
+    torch.manual_seed(8)
+    model = HybridLM(ModelConfig.from_preset("tiny")).eval()
+    block = model.layers[0]
+    with torch.no_grad():
+        block.mlp_norm.weight.add_(torch.randn_like(block.mlp_norm.weight) * 0.2)
+    x = torch.randn(3, 1, model.config.d_model)
+    with torch.no_grad():
+        assert block._fused_mlp_ok(x)
+        fused = block.mlp_residual(x)
+        monkeypatch.setattr(block, "_fused_mlp_ok", lambda x: False)
+        plain = block.mlp_residual(x)
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+    monkeypatch.undo()
+    with torch.no_grad():
+        assert not block._fused_mlp_ok(torch.randn(3, 17, model.config.d_model))  # a prefill: modules
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["gate_proj"]))
+    with torch.no_grad():
+        assert not peft_model.base_model.model.layers[0]._fused_mlp_ok(x)  # LoRA on gate_proj: modules

@@ -31,7 +31,7 @@ from . import kernels
 from .attention import Attention, AttentionInputs, build_attention_inputs, rope_inv_freq
 from .cache import HybridCache, MambaState
 from .fused import linear_cross_entropy, rms_norm, swiglu
-from .linear import Linear
+from .linear import MAX_ROWS, Linear
 from .ssm import Mamba1Mixer, Mamba2Mixer
 
 
@@ -89,7 +89,26 @@ class Block(nn.Module):
         return self.mlp_residual(x + h)
 
     def mlp_residual(self, x: Tensor) -> Tensor:
-        return x + self.mlp(self.mlp_norm(x)) if self.mlp is not None else x
+        if self.mlp is None:
+            return x
+        if self._fused_mlp_ok(x):
+            m = self.mlp
+            norm = self.mlp_norm
+            return kernels.mlp_rows(
+                x, norm.weight, norm.eps, m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight
+            )
+        return x + self.mlp(self.mlp_norm(x))
+
+    def _fused_mlp_ok(self, x: Tensor) -> bool:
+        """A decode step's MLP branch as one kernel call: a few fp32 rows on a CPU, no autograd, and
+        plain projections (a LoRA or quantized wrapper keeps the module path, so it is never skipped)."""
+        if torch.compiler.is_compiling() or torch.is_grad_enabled() or x.numel() > MAX_ROWS * x.shape[-1]:
+            return False
+        projections = (self.mlp.gate_proj, self.mlp.up_proj, self.mlp.down_proj)
+        if any(type(p) is not Linear or p.bias is not None for p in projections):
+            return False
+        weights = (self.mlp_norm.weight, *(p.weight for p in projections))
+        return x.is_contiguous() and kernels.fp32_cpu(x, *weights) and all(w.is_contiguous() for w in weights)
 
     def attention_project(
         self, x: Tensor, cos: Tensor | None, sin: Tensor | None

@@ -389,3 +389,18 @@ void attend_one(const float *q, long q_bs, long q_hs, const float *k, long k_bs,
         }
     }
 }
+
+/* ------------------------------------------------------------------ MLP block (decode) */
+
+/* out = x + down(silu(gate(n)) * up(n)), n = RMSNorm(x) * norm_w, for R rows of a decode step:
+ * the block's norm, three products and SwiGLU as one call. normed (R x D), g and u (R x I) are
+ * scratch. */
+void mlp_rows(const float *x, const float *norm_w, float eps, const float *Wg, const float *Wu,
+              const float *Wd, float *out, float *normed, float *g, float *u, long R, long D, long I, int nt) {
+    rms_norm_fwd(x, D, norm_w, normed, R, D, eps, 1);
+    linear_rows(normed, D, Wg, NULL, g, R, I, D, nt);
+    linear_rows(normed, D, Wu, NULL, u, R, I, D, nt);
+    for (long i = 0; i < R * I; i++) g[i] = g[i] * sigmoid(g[i]) * u[i];
+    linear_rows(g, I, Wd, NULL, out, R, D, I, nt);
+    for (long i = 0; i < R * D; i++) out[i] += x[i];
+}

@@ -50,6 +50,7 @@ _SIGNATURES = {
     "linear_rows": [_P, _L, _P, _P, _P, _L, _L, _L, _I],
     "mamba2_step": [_P, _L, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P] + [_L] * 8 + [_F, _I],
     "attend_one": [_P, _L, _L, _P, _L, _L, _L, _P, _L, _L, _L, _P, _P, _L, _L, _L, _L, _L, _F, _I],
+    "mlp_rows": [_P, _P, _F, _P, _P, _P, _P, _P, _P, _P, _L, _L, _L, _I],
 }
 
 
@@ -379,5 +380,19 @@ def attend_one(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
         v.data_ptr(), v.stride(0), v.stride(1), v.stride(2), out.data_ptr(), scratch.data_ptr(),
         b, h, hkv, t, d, d**-0.5, torch.get_num_threads() if b * h > 1 else 1,
+    )  # fmt: skip
+    return out
+
+
+def mlp_rows(x: Tensor, norm_weight: Tensor, eps: float, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
+    """x + down(silu(gate(n)) * up(n)) with n = RMSNorm(x) * norm_weight, for the few contiguous
+    rows of a decode step (a block's whole MLP residual branch in one call)."""
+    d, inter = x.shape[-1], gate.shape[0]
+    rows = x.numel() // d
+    out, normed = torch.empty_like(x), torch.empty(rows, d, dtype=x.dtype)
+    g, u = torch.empty(rows, inter, dtype=x.dtype), torch.empty(rows, inter, dtype=x.dtype)
+    library().mlp_rows(
+        x.data_ptr(), norm_weight.data_ptr(), eps, gate.data_ptr(), up.data_ptr(), down.data_ptr(),
+        out.data_ptr(), normed.data_ptr(), g.data_ptr(), u.data_ptr(), rows, d, inter, torch.get_num_threads(),
     )  # fmt: skip
     return out
