@@ -371,11 +371,9 @@ void attend_one(const float *q, long q_bs, long q_hs, const float *k, long k_bs,
         const float *restrict qv = q + b * q_bs + h * q_hs;
         const float *kb = k + b * k_bs + kv * k_hs, *vb = v + b * v_bs + kv * v_hs;
         float *restrict s = scratch + bh * T, *restrict o = out + bh * D;
-        float m = -INFINITY;
-        for (long t = 0; t < T; t++) {
-            s[t] = dot1(kb + t * k_ts, qv, D) * scale;
-            m = fmaxf(m, s[t]);
-        }
+        for (long t = 0; t < T; t++) s[t] = dot1(kb + t * k_ts, qv, D) * scale;
+        float m = s[0]; /* T >= 1; no infinity constants under -ffast-math */
+        for (long t = 1; t < T; t++) m = fmaxf(m, s[t]);
         float sum = 0.0f;
         for (long t = 0; t < T; t++) {
             s[t] = expf(s[t] - m);
