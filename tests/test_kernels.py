@@ -1,16 +1,15 @@
 """The compiled CPU kernels: same results as the PyTorch ops on the layouts the model passes
 them, deterministic, and a clean fallback when they cannot be built."""
 
-import shutil
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import NEEDS_C_COMPILER
 from mamba_slm.model import kernels
 from mamba_slm.model.fused import _conv, _gated_rms_norm
 
-pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="no C compiler to build the kernels")
+pytestmark = NEEDS_C_COMPILER
 
 
 def test_library_builds_and_loads():
