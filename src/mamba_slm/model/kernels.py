@@ -1,15 +1,19 @@
 """Fused fp32 CPU kernels (`kernels.c`), compiled on first use with the system's C compiler.
 
 Why hand-written: on a CPU, the Mamba block's memory-bound glue (causal conv + SiLU, the gated
-RMSNorm) and the MLP's SwiGLU cost PyTorch several passes over (L x d_inner) tensors each,
-forward and backward, and that glue made a training step of the hybrid slower than a
-transformer's of the same size. One OpenMP loop per op does each in one or two passes.
-mamba-ssm fuses the same ops on CUDA; nothing in the ecosystem does it on a CPU.
+RMSNorm), RMSNorm, SwiGLU and the LM head's softmax cost PyTorch several passes over large
+tensors each, forward and backward, and that glue made a training step of the hybrid slower
+than a transformer's of the same size; one OpenMP loop per op does each in one or two passes.
+Decoding is the other way round: tiny tensors, where a step was dominated by MKL's one-thread
+matrix-vector products and by dispatching ~30 small ops per block. There the kernels are the
+few-row products (`linear_rows`), a Mamba-2 step, a block's MLP branch and the attention of
+one query over the cache, each one call. mamba-ssm fuses the training ops on CUDA; nothing in
+the ecosystem does any of this on a CPU.
 
 The library is built with `gcc -O3 -march=native -fopenmp` into a per-user cache (keyed by the
 source, the flags, the compiler and the CPU), written atomically, loaded with ctypes, and
 shares PyTorch's OpenMP thread pool. Without a C compiler, or with `MAMBA_SLM_KERNELS=0`,
-`library()` is None and `fused.py` runs the same math in PyTorch (the tests compare the two).
+`library()` is None and callers run the same math in PyTorch (the tests compare the two).
 """
 
 from __future__ import annotations
