@@ -38,8 +38,8 @@ def kernel_backend(request, monkeypatch):
     from mamba_slm.model import kernels
 
     if request.param == "pytorch":
-        monkeypatch.setattr(kernels, "supports", lambda *tensors, **kwargs: False)
-        monkeypatch.setattr(kernels, "fp32_cpu", lambda *tensors: False)
+        monkeypatch.setattr(kernels, "library", lambda: None)
+        monkeypatch.setattr(kernels, "loaded", False)
     else:
         monkeypatch.setattr(kernels, "MIN_ELEMENTS", 0)
     return request.param

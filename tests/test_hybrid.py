@@ -13,6 +13,8 @@ VARIANTS = {
     "mamba2-yarn": dict(mixer="mamba2", rope_scaling={"type": "yarn", "factor": 4.0}),
     "mamba1-rope": dict(mixer="mamba1", pos_encoding="rope"),
     "mamba1-window": dict(mixer="mamba1", pos_encoding="alibi", sliding_window=5),
+    "mamba2-conv1": dict(mixer="mamba2", d_conv=1),  # no conv window to carry
+    "mamba1-conv2": dict(mixer="mamba1", d_conv=2),
 }
 
 
@@ -47,7 +49,7 @@ def test_chunked_forward_equals_reference(mixer, seqlen):
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_prefill_then_steps_equals_full_forward(variant):
+def test_prefill_then_steps_equals_full_forward(variant, kernel_backend):
     model = tiny(**VARIANTS[variant])
     ids = torch.randint(0, 256, (2, 30))
     with torch.no_grad():
@@ -57,6 +59,8 @@ def test_prefill_then_steps_equals_full_forward(variant):
         for t in range(13, 30):
             logits.append(model(ids[:, t : t + 1], cache=cache).logits)
     torch.testing.assert_close(torch.cat(logits, dim=1), full, atol=1e-4, rtol=1e-4)
+    conv_states = [state.conv for state in cache.layers if hasattr(state, "conv")]
+    assert all(c.shape[1] == model.config.d_conv - 1 for c in conv_states)  # the window never grows
 
 
 @pytest.mark.parametrize("variant", ["mamba2-rope", "mamba2-alibi", "mamba2-window", "mamba1-rope"])

@@ -95,6 +95,8 @@ loaded = False  # set once the library is loaded: a plain global that torch.comp
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None (no compiler, a failed build, or MAMBA_SLM_KERNELS=0)."""
+    global loaded
+    loaded = False
     if os.environ.get("MAMBA_SLM_KERNELS", "1") == "0":
         return None
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
@@ -118,7 +120,6 @@ def library() -> ctypes.CDLL | None:
         for name, argtypes in _SIGNATURES.items():
             getattr(lib, name).argtypes = argtypes
             getattr(lib, name).restype = None
-        global loaded
         loaded = True
         return lib
     warnings.warn(f"mamba-slm: fused CPU kernels unavailable, using PyTorch ops ({errors[-1]})", stacklevel=2)

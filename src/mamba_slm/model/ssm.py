@@ -62,10 +62,9 @@ def causal_conv_silu(x: Tensor, conv: nn.Conv1d, state: MambaState | None) -> Te
     bias = conv.bias.to(x.dtype) if conv.bias is not None else None
     if state is None:
         return conv_silu(x, weight, bias)
-    k = weight.shape[1]
     prev = state.conv.to(x.dtype)
     out = conv_silu(x, weight, bias, prev)
-    state.conv = torch.cat([prev, x[:, -(k - 1) :]], dim=1)[:, -(k - 1) :].to(state.conv.dtype).clone()
+    state.conv = torch.cat([prev, x], dim=1)[:, x.shape[1] :].to(state.conv.dtype).clone()  # last k-1
     return out
 
 
