@@ -113,10 +113,11 @@ def test_softmax_cross_entropy_rows_and_gradients():
     torch.testing.assert_close(got, want_grad, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("rows", [1, 5, 9, 16])  # one row, 4-row blocks, rows as vector lanes
 def test_linear_rows_matches_matmul(rows):
     torch.manual_seed(5)
-    x, weight, bias = torch.randn(rows, 37), torch.randn(23, 37), torch.randn(23)  # 23: not a multiple of 4
+    # 45 outputs: two 16-row blocks and a tail, not a multiple of 4 either; 37 inputs: a partial vector
+    x, weight, bias = torch.randn(rows, 37), torch.randn(45, 37), torch.randn(45)
     torch.testing.assert_close(
         kernels.linear_rows(x, weight, bias), x @ weight.t() + bias, atol=1e-5, rtol=1e-5
     )

@@ -278,9 +278,59 @@ static float dot1(const float *restrict w, const float *restrict x, long K) {
     return acc;
 }
 
-/* y (R x N) = x (R x K) W^T + bias, W (N x K). Each thread streams its own block of weight rows
- * once and, while four rows sit in L1, multiplies them with every input row: decode steps are
- * bound by reading the weights, and a few input rows ride along almost free. */
+
+typedef float v16 __attribute__((vector_size(64)));
+#define NB 16 /* weight rows per block: 16 independent accumulators hide the FMA latency */
+
+/* out[i][r] = W_i . x_r for NB weight rows against xT (K x 16: the input rows are the lanes).
+ * Each step is one vector load of xT and NB broadcast FMAs, with no horizontal sums; while a block
+ * runs, the next block's rows are prefetched, one cache line per row per 16 steps. */
+static void block16(const float *restrict xT, const float *restrict W, long K, const float *next,
+                    float *restrict out) {
+    v16 acc[NB];
+    for (int i = 0; i < NB; i++) acc[i] = (v16){0};
+    for (long k0 = 0; k0 < K; k0 += 16) {
+        if (next)
+            for (int i = 0; i < NB; i++) __builtin_prefetch(next + i * K + k0, 0, 3);
+        long k1 = k0 + 16 < K ? k0 + 16 : K;
+        for (long k = k0; k < k1; k++) {
+            v16 xv = *(const v16 *)(xT + k * 16);
+#pragma GCC unroll 16
+            for (int i = 0; i < NB; i++) acc[i] += W[i * K + k] * xv;
+        }
+    }
+    for (int i = 0; i < NB; i++) memcpy(out + i * 16, &acc[i], sizeof(v16));
+}
+
+/* 9 to 16 rows: the rows, transposed and zero-padded to 16, fill one vector's lanes. Returns 0
+ * (nothing written) when the transposed copy cannot be allocated. */
+static int linear_rows16(const float *x, long x_ld, const float *W, const float *bias, float *y, long R,
+                         long N, long K, int nt) {
+    float *xT = aligned_alloc(64, (size_t)K * 16 * sizeof(float));
+    if (!xT) return 0;
+    for (long k = 0; k < K; k++)
+        for (long r = 0; r < 16; r++) xT[k * 16 + r] = r < R ? x[r * x_ld + k] : 0.0f;
+    long blocks = N / NB;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (long b = 0; b < blocks; b++) {
+        float out[NB * 16] __attribute__((aligned(64)));
+        long n = b * NB;
+        block16(xT, W + n * K, K, b + 1 < blocks ? W + (n + NB) * K : NULL, out);
+        for (long r = 0; r < R; r++)
+            for (int i = 0; i < NB; i++) y[r * N + n + i] = out[i * 16 + r] + (bias ? bias[n + i] : 0.0f);
+    }
+    for (long n = blocks * NB; n < N; n++)
+        for (long r = 0; r < R; r++) y[r * N + n] = dot1(W + n * K, x + r * x_ld, K) + (bias ? bias[n] : 0.0f);
+    free(xT);
+    return 1;
+}
+
+/* y (R x N) = x (R x K) W^T + bias, W (N x K), for the few rows of a decode step. Each thread
+ * streams its own block of weight rows once. One row is bound by reading the weights; with 2-8
+ * rows, four weight rows sit in L1 while every input row passes over them; from 9 rows on the
+ * arithmetic dominates and the rows become vector lanes (linear_rows16). Both multi-row paths
+ * prefetch the weights ahead by hand: the hardware prefetcher alone left the stream stalled
+ * behind the arithmetic (16 rows: 6.4 -> 4.2 ms for a step's products on 2 cores). */
 void linear_rows(const float *x, long x_ld, const float *W, const float *bias, float *y, long R, long N,
                  long K, int nt) {
     if (R == 1) { /* one stream per thread prefetches best when there is a single row */
@@ -288,10 +338,17 @@ void linear_rows(const float *x, long x_ld, const float *W, const float *bias, f
         for (long n = 0; n < N; n++) y[n] = dot1(W + n * K, x, K) + (bias ? bias[n] : 0.0f);
         return;
     }
+    if (R > 8 && linear_rows16(x, x_ld, W, bias, y, R, N, K, nt)) return;
+    long lines = 4 * K / 16, per_row = (lines + R - 1) / R; /* cache lines of a 4-row block */
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (long n = 0; n < N - 3; n += 4) {
         float t[4];
+        const float *ahead = W + (n + 8) * K; /* two blocks ahead */
+        int pf = n + 12 <= N;
         for (long r = 0; r < R; r++) {
+            if (pf) /* spread over the input rows */
+                for (long l = r * per_row; l < (r + 1) * per_row && l < lines; l++)
+                    __builtin_prefetch(ahead + l * 16, 0, 3);
             dot4(W + n * K, K, x + r * x_ld, t);
             for (int i = 0; i < 4; i++) y[r * N + n + i] = t[i] + (bias ? bias[n + i] : 0.0f);
         }
