@@ -8,6 +8,7 @@ Models: the ~30M benchmark size of benchmarks/model_speed.py (vocab 8192, d_mode
   * our `Engine`;
   * our model through transformers' `generate` (`hf.py`, the very same weights);
   * HF `LlamaForCausalLM` `generate` at the same size;
+  * HF `Mamba2ForCausalLM` `generate` at the same size (a pure state-space peer);
 and, for our engine, per-token latency at context positions 128 / 1k / 4k, decode throughput at
 batch 1 / 4 / 16, and the memory-bandwidth bound of batch-1 decode (weight bytes read per token
 over this machine's measured read bandwidth). Rounds are interleaved and the best round kept.
@@ -77,6 +78,7 @@ def main() -> None:
     engine = Engine(ours)
     ours_hf = MambaSLMForCausalLM.from_core(ours).eval()
     llama = build("llama").eval()
+    mamba2 = build("mamba2").eval()
     prompts = [random_prompt(engine, 8, seed=i)[0] for i in range(PROMPTS)]
     config = GenerationConfig(max_new_tokens=n, temperature=0)
 
@@ -97,6 +99,7 @@ def main() -> None:
         "ours_compiled": lambda p: compiled.generate([p], config),
         "ours_hf": hf_generate(ours_hf),
         "llama": hf_generate(llama),
+        "mamba2": hf_generate(mamba2),
     }
     speeds: dict[str, float] = {}
     for run in runners.values():  # warm-up
@@ -144,7 +147,8 @@ def main() -> None:
         f"{speeds['ours'] / speeds['ours_compiled']:.2f}x |",
         f"| our model through transformers `generate` (same weights) | {speeds['ours_hf']:.1f} | "
         f"{speeds['ours'] / speeds['ours_hf']:.2f}x |",
-        f"| HF Llama `generate` (same size) | {speeds['llama']:.1f} | {speeds['llama'] and speeds['ours'] / speeds['llama']:.2f}x |",
+        f"| HF Llama `generate` (same size) | {speeds['llama']:.1f} | {speeds['ours'] / speeds['llama']:.2f}x |",
+        f"| HF Mamba2 `generate` (same size) | {speeds['mamba2']:.1f} | {speeds['ours'] / speeds['mamba2']:.2f}x |",
         "",
         "Our engine, decode only (prefill excluded):",
         "",

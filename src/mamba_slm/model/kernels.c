@@ -291,7 +291,7 @@ static void block16(const float *restrict xT, const float *restrict W, long K, c
     for (int i = 0; i < NB; i++) acc[i] = (v16){0};
     for (long k0 = 0; k0 < K; k0 += 16) {
         if (next)
-            for (int i = 0; i < NB; i++) __builtin_prefetch(next + i * K + k0, 0, 3);
+            for (int i = 0; i < NB; i++) __builtin_prefetch(next + i * K + k0, 0, 2);
         long k1 = k0 + 16 < K ? k0 + 16 : K;
         for (long k = k0; k < k1; k++) {
             v16 xv = *(const v16 *)(xT + k * 16);
@@ -371,17 +371,21 @@ void mamba2_step(const float *zxbcdt, long zx_ld, float *conv_state, const float
                  float *ssm, const float *norm_w, float *out, float *scratch, long R, long d_inner,
                  long H, long P, long G, long N, long K, long norm_groups, float eps, int nt) {
     long conv_dim = d_inner + 2 * G * N;
+    float *restrict wT = scratch + R * conv_dim; /* the conv taps, tap-major: unit-stride loops */
+    for (long c = 0; c < conv_dim; c++)
+        for (long i = 0; i < K; i++) wT[i * conv_dim + c] = conv_w[c * K + i];
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (long r = 0; r < R; r++) {
         const float *z = zxbcdt + r * zx_ld, *xbc = z + d_inner, *dtr = xbc + conv_dim;
         float *restrict win = conv_state + r * (K - 1) * conv_dim;
         float *restrict act = scratch + r * conv_dim; /* conv + SiLU output: x, B, C */
-        for (long c = 0; c < conv_dim; c++) {
-            float v = conv_b ? conv_b[c] : 0.0f;
-            for (long i = 0; i < K - 1; i++) v += conv_w[c * K + i] * win[i * conv_dim + c];
-            v += conv_w[c * K + K - 1] * xbc[c];
-            act[c] = v * sigmoid(v);
+        const float *restrict last = wT + (K - 1) * conv_dim;
+        for (long c = 0; c < conv_dim; c++) act[c] = last[c] * xbc[c] + (conv_b ? conv_b[c] : 0.0f);
+        for (long i = 0; i < K - 1; i++) {
+            const float *restrict wi = wT + i * conv_dim, *restrict wv = win + i * conv_dim;
+            for (long c = 0; c < conv_dim; c++) act[c] += wi[c] * wv[c];
         }
+        for (long c = 0; c < conv_dim; c++) act[c] = act[c] * sigmoid(act[c]);
         for (long i = 0; i < K - 2; i++) memcpy(win + i * conv_dim, win + (i + 1) * conv_dim, conv_dim * sizeof(float));
         if (K > 1) memcpy(win + (K - 2) * conv_dim, xbc, conv_dim * sizeof(float));
         const float *x = act, *B = act + d_inner, *C = B + G * N;
@@ -455,6 +459,7 @@ void mlp_rows(const float *x, const float *norm_w, float eps, const float *Wg, c
     rms_norm_fwd(x, D, norm_w, normed, R, D, eps, 1);
     linear_rows(normed, D, Wg, NULL, g, R, I, D, nt);
     linear_rows(normed, D, Wu, NULL, u, R, I, D, nt);
+#pragma omp parallel for num_threads(nt) schedule(static) if (R > 1) /* one row: a fork costs more */
     for (long i = 0; i < R * I; i++) g[i] = g[i] * sigmoid(g[i]) * u[i];
     linear_rows(g, I, Wd, NULL, out, R, D, I, nt);
     for (long i = 0; i < R * D; i++) out[i] += x[i];

@@ -349,8 +349,8 @@ def mamba2_step(mixer, zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor) ->
     rows = zxbcdt.shape[0]
     m = mixer
     out = torch.empty(rows, m.d_inner, dtype=zxbcdt.dtype)
-    scratch = torch.empty(rows, m.conv_dim, dtype=zxbcdt.dtype)
     weight = m.conv1d.weight.view(m.conv_dim, -1)
+    scratch = torch.empty(rows + weight.shape[1], m.conv_dim, dtype=zxbcdt.dtype)  # + the taps, transposed
     bias = m.conv1d.bias
     library().mamba2_step(
         zxbcdt.data_ptr(), zxbcdt.stride(0), conv_state.data_ptr(), weight.data_ptr(),
