@@ -1,5 +1,6 @@
 """The generation engine: greedy == argmax loop, sampling filters, seeds, padding, stop rules, streaming."""
 
+import random
 import threading
 
 import pytest
@@ -169,6 +170,30 @@ def test_streaming_never_splits_a_multibyte_character(tokenizer, monkeypatch):
     assert "".join(deltas) == text
     assert not any("\ufffd" in d for d in deltas)
     assert len(deltas) > 3
+
+
+def test_streaming_decodes_each_token_a_bounded_number_of_times(tokenizer, monkeypatch):
+    engine = Engine(tiny(len(tokenizer)), tokenizer)
+    decoded = []
+    real = tokenizer.decode
+    monkeypatch.setattr(tokenizer, "decode", lambda ids, **kw: decoded.append(len(ids)) or real(ids, **kw))
+    cfg = GenerationConfig(max_new_tokens=300, temperature=1.0, seed=3)
+    text = "".join(engine.stream("x", cfg))
+    assert text == real(engine.last_completion.tokens, skip_special_tokens=True)
+    assert sum(decoded) < 20 * 300  # a full decode per step would be ~300**2 / 2
+
+
+def test_incremental_text_equals_a_full_decode_after_every_token(tokenizer):
+    from mamba_slm.generation import _IncrementalText
+
+    rng = random.Random(0)
+    pieces = [tokenizer.convert_tokens_to_ids(t) for t in tokenizer.tokenize("naïve 東京 ☃! Café, the end.")]
+    for _ in range(20):
+        tokens, inc = [], _IncrementalText(tokenizer)
+        for _ in range(40):
+            tokens.append(rng.choice(pieces + [rng.randrange(len(tokenizer))]))
+            full = tokenizer.decode(tokens, skip_special_tokens=True)
+            assert inc.text(tokens) == full
 
 
 def test_cancellation_stops_generation():

@@ -292,6 +292,7 @@ class Engine:
             raise GenerationError("stream: one sequence only (no beam search, num_return_sequences 1)")
         ids = self.encode([prompt])
         collector = _Collector(1, config, self.tokenizer)
+        decoded = _IncrementalText(self.tokenizer)
         sent = 0
         steps = self._steps(ids, config)
         try:
@@ -302,7 +303,7 @@ class Engine:
                 done = collector.add(step_tokens)
                 if done:
                     break
-                text = self.tokenizer.decode(collector.rows[0].tokens, skip_special_tokens=True)
+                text = decoded.text(collector.rows[0].tokens)
                 ready = len(text) - _held_back(text, config.stop_strings)
                 if ready > sent:
                     yield text[sent:ready]
@@ -379,6 +380,33 @@ class Engine:
                 reason = "stop" if seq and seq[-1] in stop else "length"
                 out.append(Completion(seq, text, reason, b, score, len(ids[b])))
         return out
+
+
+class _IncrementalText:
+    """The text of a growing list of tokens at O(new tokens) per call, not O(all tokens): the text
+    up to a settled token (one that ends a whole character) is kept, and each call decodes only
+    from a few tokens before it, so that a tokenizer's context-dependent spacing comes out as in a
+    full decode. Falls back to a full decode wherever the window disagrees with the settled text."""
+
+    CONTEXT = 4  # tokens decoded again before the settled point
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.settled_tokens = 0
+        self.settled_text = ""
+
+    def text(self, tokens: list[int]) -> str:
+        start = max(0, self.settled_tokens - self.CONTEXT)
+        before = self._decode(tokens[start : self.settled_tokens])
+        window = self._decode(tokens[start:])
+        consistent = window.startswith(before)
+        text = self.settled_text + window[len(before) :] if consistent else self._decode(tokens)
+        if not text.endswith("\ufffd"):  # a whole character: settle here
+            self.settled_tokens, self.settled_text = len(tokens), text
+        return text
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
 
 def _held_back(text: str, stop_strings: tuple[str, ...]) -> int:
