@@ -196,6 +196,18 @@ def test_incremental_text_equals_a_full_decode_after_every_token(tokenizer):
             assert inc.text(tokens) == full
 
 
+def test_generation_runs_in_eval_mode_and_leaves_a_training_model_training():
+    model = tiny().train()
+    modes = []
+    model.layers[0].register_forward_hook(lambda module, args, out: modes.append(module.training))
+    engine = Engine(model)
+    assert model.training
+    engine.generate([[1, 2, 3]], GenerationConfig(max_new_tokens=3))
+    engine.generate([[1, 2, 3]], GenerationConfig(max_new_tokens=3, num_beams=2, temperature=0))
+    assert modes and not any(modes)  # every forward (prefill, steps, beams) in eval mode
+    assert model.training
+
+
 def test_cancellation_stops_generation():
     cancel = threading.Event()
     cancel.set()

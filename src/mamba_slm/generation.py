@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 
 import torch
@@ -208,7 +209,7 @@ class Engine:
     """Batched generation over a `HybridLM` (token ids in, `Completion`s out; text when given a tokenizer)."""
 
     def __init__(self, model: HybridLM, tokenizer=None, compile: bool = False) -> None:
-        self.model = model.eval()
+        self.model = model  # in eval mode while it generates, its own mode restored after (_evaluating)
         if compile:  # opt-in: a compiled decode step per Mamba block (HybridLM.compile_decode)
             model.compile_decode("reduce-overhead" if next(model.parameters()).is_cuda else None)
         self.tokenizer = tokenizer
@@ -326,9 +327,11 @@ class Engine:
         return out.logits[:, -1].float(), cache, out.hidden_states, tokens, mask
 
     def _steps(self, ids: list[list[int]], config: GenerationConfig) -> Iterator[Tensor]:
-        if config.strategy == "contrastive":
-            return self._contrastive_steps(ids, config)
-        return self._sample_steps(ids, config)
+        with _evaluating(self.model):
+            if config.strategy == "contrastive":
+                yield from self._contrastive_steps(ids, config)
+            else:
+                yield from self._sample_steps(ids, config)
 
     def _sample_steps(self, ids: list[list[int]], config: GenerationConfig) -> Iterator[Tensor]:
         """Prefill once, then yield (rows,) next tokens; the consumer stops the iteration."""
@@ -369,10 +372,11 @@ class Engine:
 
     def beam_search(self, ids: list[list[int]], config: GenerationConfig) -> list[Completion]:
         """Per prompt, its num_return_sequences best beam hypotheses, best first."""
-        logits, cache, _, _, _ = self._prefill(ids, config)
         stop = set(config.stop_ids)
-        finished = beam_search(self.model, logits, cache, config.num_beams, config.max_new_tokens, stop,
-                               config.length_penalty, config.early_stopping, self.pad_id)  # fmt: skip
+        with _evaluating(self.model):
+            logits, cache, _, _, _ = self._prefill(ids, config)
+            finished = beam_search(self.model, logits, cache, config.num_beams, config.max_new_tokens, stop,
+                                   config.length_penalty, config.early_stopping, self.pad_id)  # fmt: skip
         out = []
         for b, hyps in enumerate(finished):
             for score, seq in sorted(hyps, key=lambda h: -h[0])[: config.num_return_sequences]:
@@ -380,6 +384,18 @@ class Engine:
                 reason = "stop" if seq and seq[-1] in stop else "length"
                 out.append(Completion(seq, text, reason, b, score, len(ids[b])))
         return out
+
+
+@contextmanager
+def _evaluating(model: HybridLM) -> Iterator[None]:
+    """Eval mode for the duration (no gradient checkpointing, no adapter dropout), then the model's
+    own mode again: an engine made in the middle of training leaves it training."""
+    training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(training)
 
 
 class _IncrementalText:
