@@ -197,14 +197,43 @@ def test_fused_mlp_branch_matches_the_modules_and_never_skips_an_adapter(monkeyp
         block.mlp_norm.weight.add_(torch.randn_like(block.mlp_norm.weight) * 0.2)
     x = torch.randn(3, 1, model.config.d_model)
     with torch.no_grad():
-        assert block._fused_mlp_ok(x)
+        assert block._fused_mlp_weights(x) is not None
         fused = block.mlp_residual(x)
-        monkeypatch.setattr(block, "_fused_mlp_ok", lambda x: False)
+        monkeypatch.setattr(block, "_fused_mlp_weights", lambda x, cache=None: None)
         plain = block.mlp_residual(x)
     torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
     monkeypatch.undo()
     with torch.no_grad():
-        assert not block._fused_mlp_ok(torch.randn(3, 17, model.config.d_model))  # a prefill: modules
+        assert (
+            block._fused_mlp_weights(torch.randn(3, 17, model.config.d_model)) is None
+        )  # a prefill: modules
     peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["gate_proj"]))
     with torch.no_grad():
-        assert not peft_model.base_model.model.layers[0]._fused_mlp_ok(x)  # LoRA on gate_proj: modules
+        assert (
+            peft_model.base_model.model.layers[0]._fused_mlp_weights(x) is None
+        )  # LoRA on gate_proj: modules
+
+
+def test_decode_checks_are_made_per_cache_so_a_later_adapter_is_never_skipped():
+    from peft import LoraConfig, get_peft_model
+
+    from mamba_slm import HybridLM, ModelConfig
+
+    torch.manual_seed(9)
+    model = HybridLM(ModelConfig.from_preset("tiny", vocab_size=64)).eval()
+    ids = torch.randint(0, 64, (1, 6))
+
+    def decoded_logits(m):  # prefill 5 tokens, then the 6th as a decode step (fast paths memoised)
+        cache = m.allocate_cache(1, 16)
+        with torch.no_grad():
+            m(ids[:, :5], cache=cache)
+            return m(ids[:, 5:], cache=cache).logits[:, -1]
+
+    decoded_logits(model)  # a first generation: its cache remembers that the plain MLPs are fusable
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["gate_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+        want = peft_model(input_ids=ids).logits[:, -1]  # full forward: the module path, adapters applied
+    torch.testing.assert_close(decoded_logits(peft_model.base_model.model), want, atol=1e-4, rtol=1e-4)

@@ -390,12 +390,14 @@ class Engine:
 def _evaluating(model: HybridLM) -> Iterator[None]:
     """Eval mode for the duration (no gradient checkpointing, no adapter dropout), then the model's
     own mode again: an engine made in the middle of training leaves it training."""
-    training = model.training
+    if not model.training:  # the usual case; switching walks every module (~0.5 ms)
+        yield
+        return
     model.eval()
     try:
         yield
     finally:
-        model.train(training)
+        model.train()
 
 
 class _IncrementalText:

@@ -22,6 +22,7 @@ from ..config import ModelConfig
 class MambaState:
     conv: Tensor  # (b, d_conv - 1, conv_dim): the last conv inputs, oldest first
     ssm: Tensor  # mamba2: (b, h, p, n); mamba1: (b, d_inner, n)
+    fused_step: bool | None = None  # whether the layer's parameters fit the fused step (checked once)
 
 
 @dataclass
@@ -47,6 +48,9 @@ class HybridCache:
         # Whether any slot may be padding: set by the first masked pass and kept (row operations
         # only keep or repeat rows), so a decode step does not scan `valid`.
         self.padded = False
+        # Decode fast-path checks on a layer's parameters, made once per cache (one generation)
+        # instead of at every step: the parameters do not change in the middle of a generation.
+        self.memo: dict = {}
         self.layers: list[MambaState | KVState] = []
         c = config
         for kind in c.layer_pattern:

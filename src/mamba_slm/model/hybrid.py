@@ -86,29 +86,45 @@ class Block(nn.Module):
             h = self.mixer(h, attn, cache)
         else:
             h = self.mixer(h, mask, cache.layers[self.mixer.layer_idx] if cache is not None else None)
-        return self.mlp_residual(x + h)
+        return self.mlp_residual(x + h, cache)
 
-    def mlp_residual(self, x: Tensor) -> Tensor:
+    def mlp_residual(self, x: Tensor, cache: HybridCache | None = None) -> Tensor:
         if self.mlp is None:
             return x
-        if self._fused_mlp_ok(x):
-            m = self.mlp
-            norm = self.mlp_norm
-            return kernels.mlp_rows(
-                x, norm.weight, norm.eps, m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight
-            )
+        fused = self._fused_mlp_weights(x, cache)
+        if fused is not None:
+            return kernels.mlp_rows(x, *fused)
         return x + self.mlp(self.mlp_norm(x))
 
-    def _fused_mlp_ok(self, x: Tensor) -> bool:
-        """A decode step's MLP branch as one kernel call: a few fp32 rows on a CPU, no autograd, and
-        plain projections (a LoRA or quantized wrapper keeps the module path, so it is never skipped)."""
-        if torch.compiler.is_compiling() or torch.is_grad_enabled() or x.numel() > MAX_ROWS * x.shape[-1]:
-            return False
+    def _fused_mlp_weights(self, x: Tensor, cache: HybridCache | None = None) -> tuple | None:
+        """(norm weight, eps, gate, up, down weights) when a decode step's MLP branch can run as one
+        kernel call: a few contiguous fp32 rows on a CPU, no autograd, and plain projections (a LoRA
+        or quantized wrapper keeps the module path, so it is never skipped). The parameter checks
+        run once per cache, that is once per generation, not at every step."""
+        if (
+            torch.is_grad_enabled()
+            or x.numel() > MAX_ROWS * x.shape[-1]
+            or x.dtype is not torch.float32
+            or x.device.type != "cpu"
+            or not x.is_contiguous()
+            or torch.compiler.is_compiling()
+        ):
+            return None
+        memo = cache.memo if cache is not None else {}
+        key = (self, "mlp")
+        if key not in memo:
+            memo[key] = self._plain_mlp_weights()
+        return memo[key]
+
+    def _plain_mlp_weights(self) -> tuple | None:
         projections = (self.mlp.gate_proj, self.mlp.up_proj, self.mlp.down_proj)
         if any(type(p) is not Linear or p.bias is not None for p in projections):
-            return False
-        weights = (self.mlp_norm.weight, *(p.weight for p in projections))
-        return x.is_contiguous() and kernels.fp32_cpu(x, *weights) and all(w.is_contiguous() for w in weights)
+            return None
+        norm = self.mlp_norm
+        weights = (norm.weight, *(p.weight for p in projections))
+        if not (kernels.fp32_cpu(*weights) and all(w.is_contiguous() for w in weights)):
+            return None
+        return norm.weight, norm.eps, *weights[1:]
 
     def attention_project(
         self, x: Tensor, cos: Tensor | None, sin: Tensor | None

@@ -186,17 +186,31 @@ class Mamba2Mixer(nn.Module):
 
     def _fused_step_ok(self, zxbcdt: Tensor, state: MambaState) -> bool:
         """Whether kernels.mamba2_step can take this step: fp32 on a CPU, contiguous states and
-        parameters, no autograd, not inside torch.compile (checked cheaply: it runs per step)."""
+        parameters, no autograd, not inside torch.compile. It runs per step, so the parameter
+        checks are made once per cached state (one generation)."""
         if torch.compiler.is_compiling() or torch.is_grad_enabled() or kernels.library() is None:
             return False
-        params = (self.conv1d.weight, self.conv1d.bias, self.dt_bias, self.A_log, self.D, self.norm.weight)
-        tensors = (zxbcdt, state.conv, state.ssm, *(p for p in params if p is not None))
-        return (
+        tensors = (zxbcdt, state.conv, state.ssm)
+        if not (
             zxbcdt.device.type == "cpu"
             and zxbcdt.stride(-1) == 1
             and all(t.dtype is torch.float32 for t in tensors)
-            and all(t.is_contiguous() for t in tensors[1:])
-        )
+            and state.conv.is_contiguous()
+            and state.ssm.is_contiguous()
+        ):
+            return False
+        if state.fused_step is None:
+            params = (
+                self.conv1d.weight,
+                self.conv1d.bias,
+                self.dt_bias,
+                self.A_log,
+                self.D,
+                self.norm.weight,
+            )
+            present = [p for p in params if p is not None]
+            state.fused_step = all(p.dtype is torch.float32 and p.is_contiguous() for p in present)
+        return state.fused_step
 
     def step(self, hidden: Tensor, state: MambaState) -> Tensor:
         """hidden: (b, 1, d_model) -> (b, 1, d_model), advancing `state` by one token."""
