@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import kernels
+from .linear import matmul_t
 
 
 def autocast_off(method):
@@ -223,7 +224,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h = hidden[start : start + chunk_rows]
             t = targets[start : start + chunk_rows]
             valid = valid_all[start : start + chunk_rows]
-            logits = (h @ w.t()).float()  # (rows, vocab)
+            logits = matmul_t(h, w).float()  # (rows, vocab)
             scale = valid.float() / n_valid
             if kernels.supports(logits):  # one fused pass: row losses, and the logits become their grads
                 total += kernels.softmax_cross_entropy_(logits, t.masked_fill(~valid, -1), scale).sum()
@@ -236,9 +237,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 probs[torch.arange(len(t), device=t.device), t.clamp_min(0)] -= 1.0
                 probs.mul_(scale[:, None])  # d(mean loss)/d(logits)
             probs = probs.to(hidden.dtype)
-            grad_hidden[start : start + chunk_rows] = probs @ w
+            grad_hidden[start : start + chunk_rows] = matmul_t(probs, w.t())
             if want_w:
-                grad_weight.addmm_(probs.t().float(), h.float())
+                grad_weight += matmul_t(probs.t().float(), h.float().t())
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total / n_valid
 
@@ -258,7 +259,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_
         return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows)
     losses = [
         F.cross_entropy(
-            (hidden[s : s + chunk_rows] @ weight.t()).float(), targets[s : s + chunk_rows], reduction="sum"
+            matmul_t(hidden[s : s + chunk_rows], weight).float(), targets[s : s + chunk_rows], reduction="sum"
         )
         for s in range(0, hidden.shape[0], chunk_rows)
     ]

@@ -1,18 +1,26 @@
-"""`Linear`: `nn.Linear` with a faster product for the few rows of a CPU decode step.
+"""`Linear`: `nn.Linear` with faster fp32 CPU products: oneDNN for batches, C for decode rows.
 
-Why: decoding one token multiplies one row by every weight matrix, so it is bound by reading the
-weights from memory. For a single row MKL's sgemm falls back to a one-thread matrix-vector
-product (measured here: ~16 GB/s on 2 cores, 8.4 ms per token for a 30M-parameter model). For
-up to 16 rows, fp32 on a CPU without autograd, `kernels.linear_rows` streams each weight once
-with both cores and multiplies it with every row while it sits in L1 (~43 GB/s; 2.7 ms per token
-for all the weights, 6.4 ms for 16 rows against MKL's 10.5). Where the C kernels are not
-built, and inside `torch.compile`, the same product runs as a batched matmul over the weight's
-row blocks (one block per core, ~32 GB/s). Training and large batches take `F.linear`. A
-subclass (not a function) so that PEFT's LoRA layers, which wrap a `nn.Linear` and call it,
-keep the fast path and are never bypassed.
+Why, batches (training, prefill): PyTorch's `F.linear` runs MKL's sgemm, which on this AMD EPYC
+(AVX-512) reaches ~200 GFLOP/s on 2 cores, while the same product through oneDNN, which ships
+inside PyTorch (`torch.ops.mkldnn._linear_pointwise`, the op inductor emits for CPU linears),
+reaches ~450: the cores can do ~490. oneDNN reads the weight and the activations in place (a
+transposed view too), so the backward's two products take it as well (`matmul_t`). It is used
+for fp32 on x86-64 CPUs where PyTorch has it; `MAMBA_SLM_ONEDNN=0` or
+`torch.backends.mkldnn.enabled = False` gives `F.linear` back.
+
+Why, decode rows: decoding one token multiplies one row by every weight matrix, so it is bound
+by reading the weights from memory. For up to 16 rows, fp32 on a CPU without autograd,
+`kernels.linear_rows` streams each weight once with both cores (1 row: ~2.3 ms for all 118 MB
+of a 30M model's weights at ~50 GB/s; 16 rows: ~3.3 ms, where MKL takes 10.5). Where the C
+kernels are not built, and inside `torch.compile`, the same product runs as a batched matmul
+over the weight's row blocks (one block per core, ~32 GB/s). A subclass (not a function) so that
+PEFT's LoRA layers, which wrap a `nn.Linear` and call it, keep the fast paths.
 """
 
 from __future__ import annotations
+
+import os
+import platform
 
 import torch
 import torch.nn.functional as F
@@ -20,20 +28,71 @@ from torch import Tensor, nn
 
 from . import kernels
 
-MAX_ROWS = 16  # above this the weight is re-read often enough that MKL's gemm is the faster path
+MAX_ROWS = 16  # above this the weight is re-read often enough that a GEMM is the faster path
+
+_ONEDNN = (
+    os.environ.get("MAMBA_SLM_ONEDNN", "1") != "0"
+    and platform.machine().lower() in ("x86_64", "amd64")
+    and torch.backends.mkldnn.is_available()
+    and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+)
+
+
+def onednn_ok(*tensors: Tensor) -> bool:
+    """Whether `matmul_t` takes these tensors through oneDNN: fp32 on a CPU, outside torch.compile."""
+    return (
+        _ONEDNN
+        and torch.backends.mkldnn.enabled
+        and all(t.dtype is torch.float32 and t.device.type == "cpu" for t in tensors)
+        and not torch.compiler.is_compiling()
+    )
+
+
+def matmul_t(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x @ weight.T (+ bias), x (..., in), weight (out, in), either possibly a transposed view; no
+    autograd. oneDNN for fp32 CPU tensors (see the module docstring), F.linear otherwise."""
+    if not onednn_ok(x, weight):
+        return F.linear(x, weight, bias)
+    rows = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+    try:
+        out = torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
+    except RuntimeError:  # a layout oneDNN does not take, or bad shapes: F.linear computes or says why
+        return F.linear(x, weight, bias)
+    return out.view(*x.shape[:-1], weight.shape[0]) if x.dim() != 2 else out
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """F.linear's forward and backward with every product through `matmul_t`."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return matmul_t(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight = ctx.saved_tensors
+        grad_rows = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = matmul_t(grad, weight.t())
+        if ctx.needs_input_grad[1]:
+            grad_w = matmul_t(grad_rows.t(), x.reshape(-1, x.shape[-1]).t())
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_rows.sum(0)
+        return grad_x, grad_w, grad_b
 
 
 class Linear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         weight, bias = self.weight, self.bias  # module attribute lookups are slow; this runs per step
         rows, out_features = x.numel() // x.shape[-1], weight.shape[0]
-        if (
-            rows > MAX_ROWS
-            or x.device.type != "cpu"
-            or x.dtype != weight.dtype
-            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            or torch.is_autocast_enabled("cpu")
-        ):
+        if x.device.type != "cpu" or x.dtype != weight.dtype or torch.is_autocast_enabled("cpu"):
+            return F.linear(x, weight, bias)
+        if rows > MAX_ROWS or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+            if onednn_ok(x, weight):
+                return _OneDNNLinear.apply(x, weight, bias)
             return F.linear(x, weight, bias)
         if x.dtype is torch.float32 and x.is_contiguous() and weight.is_contiguous():
             if torch.compiler.is_compiling():
