@@ -66,3 +66,9 @@ def test_onednn_can_be_switched_off_with_torch_backends(monkeypatch):
 def test_a_shape_error_reads_as_f_linears():
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         matmul_t(torch.randn(20, 7), torch.randn(5, 6))
+
+
+def test_tracing_records_a_plain_linear_for_exporters():
+    layer, x = Linear(32, 16), torch.randn(40, 32)
+    graph = str(torch.jit.trace(layer, x).graph)
+    assert "aten::linear" in graph and "mkldnn" not in graph

@@ -39,12 +39,14 @@ _ONEDNN = (
 
 
 def onednn_ok(*tensors: Tensor) -> bool:
-    """Whether `matmul_t` takes these tensors through oneDNN: fp32 on a CPU, outside torch.compile."""
+    """Whether `matmul_t` takes these tensors through oneDNN: fp32 on a CPU, outside torch.compile
+    and tracing (exporters and compilers see F.linear, which they know)."""
     return (
         _ONEDNN
         and torch.backends.mkldnn.enabled
         and all(t.dtype is torch.float32 and t.device.type == "cpu" for t in tensors)
         and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
     )
 
 
