@@ -1,5 +1,9 @@
 """Linear: the oneDNN product for batches (forward and backward) and its fallback to F.linear."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -72,3 +76,28 @@ def test_tracing_records_a_plain_linear_for_exporters():
     layer, x = Linear(32, 16), torch.randn(40, 32)
     graph = str(torch.jit.trace(layer, x).graph)
     assert "aten::linear" in graph and "mkldnn" not in graph
+
+
+@NEEDS_ONEDNN
+def test_products_of_ever_new_shapes_do_not_grow_memory_without_bound():
+    """oneDNN caches a primitive per shape; ours are capped (a server sees prompts of any length)."""
+    script = """
+import torch
+from mamba_slm.model.linear import matmul_t
+def rss_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+w = torch.randn(1024, 256)
+for rows in range(18, 218):  # warm-up: the allocator and the first primitives
+    matmul_t(torch.randn(rows, 256), w)
+before = rss_mb()
+for rows in range(218, 1018):
+    matmul_t(torch.randn(rows, 256), w)
+print(rss_mb() - before)
+"""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+    }
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    assert float(out.stdout.split()[-1]) < 100  # uncapped: ~400 MB more
