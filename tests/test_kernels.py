@@ -116,7 +116,7 @@ def test_softmax_cross_entropy_rows_and_gradients():
 @pytest.mark.parametrize("rows", [1, 5, 9, 16])  # one row, 4-row blocks, rows as vector lanes
 def test_linear_rows_matches_matmul(rows):
     torch.manual_seed(5)
-    # 45 outputs: two 16-row blocks and a tail, not a multiple of 4 either; 37 inputs: a partial vector
+    # 45 outputs: five 8-row blocks and a tail, not a multiple of 4 either; 37 inputs: a partial vector
     x, weight, bias = torch.randn(rows, 37), torch.randn(45, 37), torch.randn(45)
     torch.testing.assert_close(
         kernels.linear_rows(x, weight, bias), x @ weight.t() + bias, atol=1e-5, rtol=1e-5

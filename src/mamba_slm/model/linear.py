@@ -3,15 +3,15 @@
 Why, batches (training, prefill): PyTorch's `F.linear` runs MKL's sgemm, which on this AMD EPYC
 (AVX-512) reaches ~200 GFLOP/s on 2 cores, while the same product through oneDNN, which ships
 inside PyTorch (`torch.ops.mkldnn._linear_pointwise`, the op inductor emits for CPU linears),
-reaches ~450: the cores can do ~490. oneDNN reads the weight and the activations in place (a
-transposed view too), so the backward's two products take it as well (`matmul_t`). It is used
-for fp32 on x86-64 CPUs where PyTorch has it; `MAMBA_SLM_ONEDNN=0` or
-`torch.backends.mkldnn.enabled = False` gives `F.linear` back.
+reaches ~450 (the cores can do ~490); the backward's weight gradient ~350. oneDNN reads the
+weight and the activations in place (a transposed view too), so the backward's two products
+take it as well (`matmul_t`). It is used for fp32 on x86-64 CPUs where PyTorch has it;
+`MAMBA_SLM_ONEDNN=0` or `torch.backends.mkldnn.enabled = False` gives `F.linear` back.
 
 Why, decode rows: decoding one token multiplies one row by every weight matrix, so it is bound
 by reading the weights from memory. For up to 16 rows, fp32 on a CPU without autograd,
 `kernels.linear_rows` streams each weight once with both cores (1 row: ~2.3 ms for all 118 MB
-of a 30M model's weights at ~50 GB/s; 16 rows: ~3.3 ms, where MKL takes 10.5). Where the C
+of a 30M model's weights at ~50 GB/s; 16 rows: ~3.3 ms, where MKL takes 10-15). Where the C
 kernels are not built, and inside `torch.compile`, the same product runs as a batched matmul
 over the weight's row blocks (one block per core, ~32 GB/s). A subclass (not a function) so that
 PEFT's LoRA layers, which wrap a `nn.Linear` and call it, keep the fast paths.
