@@ -11,6 +11,7 @@ Design choices:
   * positions come from the attention mask, so a left-padded row sees exactly what it would
     alone; RoPE cos/sin and the mask are built once per pass and shared by the layers;
   * `num_logits_to_keep` computes the LM head only where logits are needed (generation);
+  * a one-token decode step on a CPU runs all blocks as one C call where it can (`fused_step.py`);
   * init: N(0, 0.02) weights, residual output projections scaled by 1/sqrt(2 n_layers)
     (GPT-2), Mamba's own dt/A/D init; tied embeddings by default.
 """
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
-from . import kernels
+from . import fused_step, kernels
 from .attention import Attention, AttentionInputs, build_attention_inputs, rope_inv_freq
 from .cache import HybridCache, MambaState
 from .fused import linear_cross_entropy, rms_norm, swiglu
@@ -204,11 +205,12 @@ class HybridLM(nn.Module):
 
         hidden = self.embed_tokens(input_ids)  # (b, l, d)
         attn = self._attention_inputs(positions, mask, cache, hidden.dtype)
-        for block in self.layers:
-            if self.gradient_checkpointing and self.training:
-                hidden = checkpoint(block, hidden, mask, attn, cache, use_reentrant=False)
-            else:
-                hidden = block(hidden, mask, attn, cache)
+        if not (cache is not None and seqlen == 1 and fused_step.run(self, hidden, attn, cache)):
+            for block in self.layers:
+                if self.gradient_checkpointing and self.training:
+                    hidden = checkpoint(block, hidden, mask, attn, cache, use_reentrant=False)
+                else:
+                    hidden = block(hidden, mask, attn, cache)
         if cache is not None:
             cache.end(seqlen)
         hidden = self.norm(hidden)

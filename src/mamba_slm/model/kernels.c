@@ -370,7 +370,8 @@ static inline float softplus(float v) { return v > 20.0f ? v : log1pf(expf(v)); 
  * zxbcdt (R x (d_inner + conv_dim + H)) -> out (R x d_inner), advancing the conv window
  * (R x (K-1) x conv_dim) and the SSM state (R x H x P x N) in place. The same math as
  * Mamba2Mixer.step's PyTorch ops (conv, SiLU, softplus, SSD recurrence, D skip, gated RMSNorm),
- * as one call instead of about thirty small ones. */
+ * as one call instead of about thirty small ones. The recurrence, most of the work, runs in
+ * parallel over (row, head) pairs, so a single row uses every thread too. */
 void mamba2_step(const float *zxbcdt, long zx_ld, float *conv_state, const float *conv_w,
                  const float *conv_b, const float *dt_bias, const float *A_log, const float *D,
                  float *ssm, const float *norm_w, float *out, float *scratch, long R, long d_inner,
@@ -379,11 +380,10 @@ void mamba2_step(const float *zxbcdt, long zx_ld, float *conv_state, const float
     float *restrict wT = scratch + R * conv_dim; /* the conv taps, tap-major: unit-stride loops */
     for (long c = 0; c < conv_dim; c++)
         for (long i = 0; i < K; i++) wT[i * conv_dim + c] = conv_w[c * K + i];
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (long r = 0; r < R; r++) {
-        const float *z = zxbcdt + r * zx_ld, *xbc = z + d_inner, *dtr = xbc + conv_dim;
+    for (long r = 0; r < R; r++) { /* conv + SiLU: x, B, C of each row into scratch */
+        const float *xbc = zxbcdt + r * zx_ld + d_inner;
         float *restrict win = conv_state + r * (K - 1) * conv_dim;
-        float *restrict act = scratch + r * conv_dim; /* conv + SiLU output: x, B, C */
+        float *restrict act = scratch + r * conv_dim;
         const float *restrict last = wT + (K - 1) * conv_dim;
         for (long c = 0; c < conv_dim; c++) act[c] = last[c] * xbc[c] + (conv_b ? conv_b[c] : 0.0f);
         for (long i = 0; i < K - 1; i++) {
@@ -393,23 +393,30 @@ void mamba2_step(const float *zxbcdt, long zx_ld, float *conv_state, const float
         for (long c = 0; c < conv_dim; c++) act[c] = act[c] * sigmoid(act[c]);
         for (long i = 0; i < K - 2; i++) memcpy(win + i * conv_dim, win + (i + 1) * conv_dim, conv_dim * sizeof(float));
         if (K > 1) memcpy(win + (K - 2) * conv_dim, xbc, conv_dim * sizeof(float));
+    }
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (long rh = 0; rh < R * H; rh++) {
+        long r = rh / H, h = rh % H;
+        const float *act = scratch + r * conv_dim, *dtr = zxbcdt + r * zx_ld + d_inner + conv_dim;
         const float *x = act, *B = act + d_inner, *C = B + G * N;
+        float dt = softplus(dtr[h] + dt_bias[h]);
+        float decay = expf(-expf(A_log[h]) * dt);
+        const float *restrict Bg = B + (h / (H / G)) * N, *restrict Cg = C + (h / (H / G)) * N;
         float *restrict y = out + r * d_inner;
-        for (long h = 0; h < H; h++) {
-            float dt = softplus(dtr[h] + dt_bias[h]);
-            float decay = expf(-expf(A_log[h]) * dt);
-            const float *restrict Bg = B + (h / (H / G)) * N, *restrict Cg = C + (h / (H / G)) * N;
-            for (long p = 0; p < P; p++) {
-                float *restrict st = ssm + ((r * H + h) * P + p) * N;
-                float xdt = x[h * P + p] * dt, acc = 0.0f;
-                for (long n = 0; n < N; n++) {
-                    st[n] = st[n] * decay + xdt * Bg[n];
-                    acc += st[n] * Cg[n];
-                }
-                y[h * P + p] = acc + D[h] * x[h * P + p];
+        for (long p = 0; p < P; p++) {
+            float *restrict st = ssm + ((r * H + h) * P + p) * N;
+            float xdt = x[h * P + p] * dt, acc = 0.0f;
+            for (long n = 0; n < N; n++) {
+                st[n] = st[n] * decay + xdt * Bg[n];
+                acc += st[n] * Cg[n];
             }
+            y[h * P + p] = acc + D[h] * x[h * P + p];
         }
-        long gs = d_inner / norm_groups;
+    }
+    long gs = d_inner / norm_groups;
+    for (long r = 0; r < R; r++) { /* gated RMSNorm */
+        const float *z = zxbcdt + r * zx_ld;
+        float *restrict y = out + r * d_inner;
         for (long g0 = 0; g0 < d_inner; g0 += gs) {
             float ss = 0.0f;
             for (long c = g0; c < g0 + gs; c++) {
@@ -468,4 +475,110 @@ void mlp_rows(const float *x, const float *norm_w, float eps, const float *Wg, c
     for (long i = 0; i < R * I; i++) g[i] = g[i] * sigmoid(g[i]) * u[i];
     linear_rows(g, I, Wd, NULL, out, R, D, I, nt);
     for (long i = 0; i < R * D; i++) out[i] += x[i];
+}
+
+/* ------------------------------------------------------------------ a whole decode step */
+
+/* One layer of a hybrid model for `hybrid_step`; mirrored by `StepLayer` in fused_step.py.
+ * Unused pointers are NULL (a bias-free projection, a block without MLP). */
+typedef struct {
+    long kind; /* 0: Mamba-2 mixer, 1: attention */
+    const float *norm_w;
+    float norm_eps;
+    const float *w_in, *b_in; /* Mamba: in_proj (n_in x D); attention: q_proj */
+    long n_in;                /* Mamba: in_proj's outputs; attention: q, k and v's together */
+    const float *w_out, *b_out; /* out_proj / o_proj (D x n_mix) */
+    long n_mix;                 /* d_inner, or heads x head_dim */
+    /* Mamba-2 */
+    float *conv_state, *ssm;
+    const float *conv_w, *conv_b, *dt_bias, *A_log, *D, *gnorm_w;
+    long H, P, G, N, K, gnorm_groups;
+    float gnorm_eps;
+    /* attention: RoPE'd keys and values are written at slot `slot` of the caches (R x Hkv x cap x hd) */
+    const float *w_k, *b_k, *w_v, *b_v;
+    float *k_cache, *v_cache;
+    long heads, kv_heads, head_dim, capacity;
+    /* MLP (w_gate NULL: none) */
+    const float *mlp_norm_w;
+    float mlp_eps;
+    const float *w_gate, *w_up, *w_down;
+    long inter;
+} StepLayer;
+
+static void rope_rows(float *t, long R, long ld, long heads, long hd, const float *cos, const float *sin) {
+    long half = hd / 2;
+    for (long r = 0; r < R; r++)
+        for (long h = 0; h < heads; h++) {
+            float *v = t + r * ld + h * hd;
+            const float *c = cos + r * hd, *s = sin + r * hd;
+            for (long d = 0; d < half; d++) {
+                float a = v[d], b = v[d + half];
+                v[d] = a * c[d] - b * s[d];
+                v[d + half] = b * c[d + half] + a * s[d + half];
+            }
+        }
+}
+
+/* x (R x D), one token per row, through every layer: the same math as the blocks' module path
+ * (pre-norm mixer, residual, pre-norm SwiGLU MLP, residual), in place. One call instead of ~70
+ * Python-level calls per step, and no gaps in which the weight stream goes cold. cos/sin (R x hd)
+ * rotate the attention layers' queries and keys; `slot` is the cache slot of this token, so the
+ * attention reads slot + 1 keys. Returns 0 (x untouched) when scratch cannot be allocated. */
+int hybrid_step(const StepLayer *layers, long n_layers, float *x, long R, long D, const float *cos,
+                const float *sin, long slot, int nt) {
+    long wide = D, conv = 0, inter = 0, heads = 0, mix = 0;
+    for (long i = 0; i < n_layers; i++) {
+        const StepLayer *L = &layers[i];
+        wide = L->n_in > wide ? L->n_in : wide;
+        mix = L->n_mix > mix ? L->n_mix : mix;
+        inter = L->inter > inter ? L->inter : inter;
+        heads = L->heads > heads ? L->heads : heads;
+        long c = L->kind == 0 ? (R + L->K) * (L->n_mix + 2 * L->G * L->N) : 0;
+        conv = c > conv ? c : conv;
+    }
+    long T = slot + 1;
+    size_t floats = R * (3 * D + wide + mix + 2 * inter + heads * T) + conv + 64;
+    float *buf = aligned_alloc(64, ((floats * sizeof(float) + 63) / 64) * 64);
+    if (!buf) return 0;
+    float *normed = buf, *delta = normed + R * D, *tmp = delta + R * D, *in = tmp + R * D;
+    float *y = in + R * wide, *g = y + R * mix, *u = g + R * inter, *scores = u + R * inter;
+    float *scratch = scores + R * heads * T;
+    for (long i = 0; i < n_layers; i++) {
+        const StepLayer *L = &layers[i];
+        rms_norm_fwd(x, D, L->norm_w, normed, R, D, L->norm_eps, 1);
+        if (L->kind == 0) {
+            linear_rows(normed, D, L->w_in, L->b_in, in, R, L->n_in, D, nt);
+            mamba2_step(in, L->n_in, L->conv_state, L->conv_w, L->conv_b, L->dt_bias, L->A_log, L->D, L->ssm,
+                        L->gnorm_w, y, scratch, R, L->n_mix, L->H, L->P, L->G, L->N, L->K, L->gnorm_groups,
+                        L->gnorm_eps, nt);
+        } else {
+            long hd = L->head_dim, q_w = L->heads * hd, kv_w = L->kv_heads * hd, cap = L->capacity;
+            float *q = in, *k = q + R * q_w, *v = k + R * kv_w;
+            linear_rows(normed, D, L->w_in, L->b_in, q, R, q_w, D, nt);
+            linear_rows(normed, D, L->w_k, L->b_k, k, R, kv_w, D, nt);
+            linear_rows(normed, D, L->w_v, L->b_v, v, R, kv_w, D, nt);
+            if (cos) { /* NULL: no position encoding */
+                rope_rows(q, R, q_w, L->heads, hd, cos, sin);
+                rope_rows(k, R, kv_w, L->kv_heads, hd, cos, sin);
+            }
+            for (long r = 0; r < R; r++)
+                for (long h = 0; h < L->kv_heads; h++) {
+                    size_t at = ((size_t)(r * L->kv_heads + h) * cap + slot) * hd;
+                    memcpy(L->k_cache + at, k + r * kv_w + h * hd, hd * sizeof(float));
+                    memcpy(L->v_cache + at, v + r * kv_w + h * hd, hd * sizeof(float));
+                }
+            attend_one(q, q_w, hd, L->k_cache, L->kv_heads * cap * hd, cap * hd, hd, L->v_cache,
+                       L->kv_heads * cap * hd, cap * hd, hd, y, scores, R, L->heads, L->kv_heads, T, hd,
+                       1.0f / sqrtf((float)hd), R * L->heads > 1 ? nt : 1);
+        }
+        linear_rows(y, L->n_mix, L->w_out, L->b_out, delta, R, D, L->n_mix, nt);
+        for (long j = 0; j < R * D; j++) x[j] += delta[j];
+        if (L->w_gate) {
+            mlp_rows(x, L->mlp_norm_w, L->mlp_eps, L->w_gate, L->w_up, L->w_down, tmp, normed, g, u, R, D,
+                     L->inter, nt);
+            memcpy(x, tmp, R * D * sizeof(float));
+        }
+    }
+    free(buf);
+    return 1;
 }

@@ -55,7 +55,9 @@ _SIGNATURES = {
     "mamba2_step": [_P, _L, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P] + [_L] * 8 + [_F, _I],
     "attend_one": [_P, _L, _L, _P, _L, _L, _L, _P, _L, _L, _L, _P, _P, _L, _L, _L, _L, _L, _F, _I],
     "mlp_rows": [_P, _P, _F, _P, _P, _P, _P, _P, _P, _P, _L, _L, _L, _I],
+    "hybrid_step": [_P, _L, _P, _L, _L, _P, _P, _L, _I],
 }
+_RETURNS = {"hybrid_step": ctypes.c_int}
 
 
 def cache_dir() -> Path:
@@ -119,7 +121,7 @@ def library() -> ctypes.CDLL | None:
             continue
         for name, argtypes in _SIGNATURES.items():
             getattr(lib, name).argtypes = argtypes
-            getattr(lib, name).restype = None
+            getattr(lib, name).restype = _RETURNS.get(name)
         loaded = True
         return lib
     warnings.warn(f"mamba-slm: fused CPU kernels unavailable, using PyTorch ops ({errors[-1]})", stacklevel=2)

@@ -1,0 +1,129 @@
+"""The whole decode step as one C call: the same logits and cache states as the module path, step
+after step, and the module path wherever the C step does not cover the model or the input."""
+
+import pytest
+import torch
+
+from conftest import NEEDS_C_COMPILER
+from mamba_slm import HybridLM, ModelConfig
+from mamba_slm.model import fused_step
+
+pytestmark = NEEDS_C_COMPILER
+
+
+@pytest.fixture
+def fused_runs(monkeypatch):
+    """Counts decode steps that ran as one C call."""
+    runs = []
+    real = fused_step.run
+
+    def counting(*args):
+        done = real(*args)
+        runs.append(done)
+        return done
+
+    monkeypatch.setattr(fused_step, "run", counting)
+    return runs
+
+
+def _perturbed(config: ModelConfig, seed: int, biases: bool = False) -> HybridLM:
+    """A model whose norms, SSM parameters and (optionally) attention biases are not at their
+    init values, so a swapped or skipped parameter changes the output."""
+    torch.manual_seed(seed)
+    model = HybridLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.2)
+        if biases:
+            for block in model.layers:
+                if block.kind == "A":
+                    for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                        linear = getattr(block.mixer, proj)
+                        linear.bias = torch.nn.Parameter(torch.randn(linear.out_features) * 0.1)
+    return model
+
+
+def _decode(model: HybridLM, ids: torch.Tensor, prompt_len: int, reorder_at: int | None = None):
+    """Prefill `prompt_len` tokens, then one token per step; returns every step's logits and the
+    final cache. A small capacity makes the KV buffers grow in the middle; `reorder_at` reverses
+    the rows there (beam search's reordering), and the ids with them."""
+    cache = model.allocate_cache(ids.shape[0], capacity=prompt_len + 2)
+    steps = []
+    with torch.no_grad():
+        model(ids[:, :prompt_len], cache=cache)
+        for t in range(prompt_len, ids.shape[1]):
+            if t == reorder_at:
+                index = torch.arange(ids.shape[0] - 1, -1, -1)
+                cache.select_rows(index)
+                ids = ids[index]
+            steps.append(model(ids[:, t : t + 1], cache=cache).logits[:, -1])
+    return torch.stack(steps), cache
+
+
+def _module_path(monkeypatch):
+    monkeypatch.setattr(fused_step, "run", lambda *args: False)
+
+
+CONFIGS = {
+    "gqa+groups+biases": (dict(layer_pattern="MAMA", n_groups=2), True),
+    "yarn rope": (
+        dict(rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}),
+        False,
+    ),
+    "no positions, no mlp": (dict(pos_encoding="none", d_intermediate=0), False),
+    "mamba only": (dict(layer_pattern="MMM", n_layers=3), False),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("batch", [1, 3])
+def test_whole_step_matches_the_module_path(name, batch, fused_runs, monkeypatch):
+    overrides, biases = CONFIGS[name]
+    model = _perturbed(ModelConfig.from_preset("tiny", vocab_size=96, **overrides), seed=batch, biases=biases)
+    ids = torch.randint(0, 96, (batch, 16))
+    got, got_cache = _decode(model, ids, prompt_len=5, reorder_at=9)
+    assert fused_runs and all(fused_runs)  # every decode step ran as one C call
+    _module_path(monkeypatch)
+    want, want_cache = _decode(model, ids, prompt_len=5, reorder_at=9)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    for fused, plain in zip(got_cache.layers, want_cache.layers, strict=True):
+        for a, b in zip(vars(fused).values(), vars(plain).values(), strict=True):
+            if isinstance(a, torch.Tensor):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_module_path_where_the_step_does_not_apply(fused_runs):
+    tiny = ModelConfig.from_preset("tiny", vocab_size=96)
+    model = _perturbed(tiny, seed=4)
+    ids = torch.randint(0, 96, (2, 8))
+    cache = model.allocate_cache(2)
+    with torch.no_grad():  # left padding: this step needs an attention mask
+        model(ids[:, :6], attention_mask=torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6]), cache=cache)
+        model(ids[:, 6:7], cache=cache)
+    with torch.enable_grad():  # autograd
+        model(ids[:, 7:8], cache=model.allocate_cache(2))
+    with torch.no_grad():  # more rows than the few-row products are for
+        model(torch.randint(0, 96, (17, 1)), cache=model.allocate_cache(17))
+    assert fused_runs == [False, False, False]
+
+
+def test_uncovered_layers_keep_the_module_path_and_their_outputs(fused_runs):
+    from peft import LoraConfig, get_peft_model
+
+    mamba1 = _perturbed(ModelConfig.from_preset("tiny", vocab_size=96, mixer="mamba1"), seed=5)
+    ids = torch.randint(0, 96, (1, 7))
+    _decode(mamba1, ids, prompt_len=5)
+    assert fused_runs == [False, False]
+
+    model = _perturbed(ModelConfig.from_preset("tiny", vocab_size=96), seed=6)
+    _decode(model, ids, prompt_len=5)  # a first generation on the plain model: the C step
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["in_proj", "o_proj"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+        want = peft_model(input_ids=ids).logits[:, -2:]  # a full forward: adapters applied
+    got, _ = _decode(peft_model.base_model.model, ids, prompt_len=5)
+    assert fused_runs == [False, False, True, True, False, False]
+    torch.testing.assert_close(got.transpose(0, 1), want, atol=1e-4, rtol=1e-4)
