@@ -185,6 +185,18 @@ def test_one_query_attention_matches_sdpa_on_cache_views():
     torch.testing.assert_close(got, want.transpose(1, 2).reshape(2, 1, 128), atol=1e-5, rtol=1e-5)
 
 
+def test_one_query_attention_over_many_key_blocks_rescales_its_running_softmax():
+    torch.manual_seed(10)
+    t = 3 * kernels.ATTEND_KEYS + 11  # three full blocks of the online softmax and a partial one
+    cache_k, cache_v = torch.randn(3, 2, t + 5, 16), torch.randn(3, 2, t + 5, 16)
+    cache_k[:, :, : t // 2] *= 0.1  # the largest scores come in later blocks: the running max rises
+    k, v = cache_k[:, :, :t], cache_v[:, :, :t]
+    q = torch.randn(3, 1, 4, 16).transpose(1, 2) * 3
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1))
+    got = kernels.attend_one(q, k, v)
+    torch.testing.assert_close(got, want.transpose(1, 2).reshape(3, 1, 64), atol=1e-5, rtol=1e-5)
+
+
 def test_fused_mlp_branch_matches_the_modules_and_never_skips_an_adapter(monkeypatch):
     from peft import LoraConfig, get_peft_model
 

@@ -41,7 +41,7 @@ class StepLayer(ctypes.Structure):
         ("w_in", _P), ("b_in", _P), ("n_in", _L),
         ("w_out", _P), ("b_out", _P), ("n_mix", _L),
         ("conv_state", _P), ("ssm", _P),
-        ("conv_w", _P), ("conv_b", _P), ("dt_bias", _P), ("A_log", _P), ("D", _P), ("gnorm_w", _P),
+        ("conv_wT", _P), ("conv_b", _P), ("dt_bias", _P), ("A_log", _P), ("D", _P), ("gnorm_w", _P),
         ("H", _L), ("P", _L), ("G", _L), ("N", _L), ("K", _L), ("gnorm_groups", _L), ("gnorm_eps", _F),
         ("w_k", _P), ("b_k", _P), ("w_v", _P), ("b_v", _P),
         ("k_cache", _P), ("v_cache", _P),
@@ -54,6 +54,7 @@ class StepLayer(ctypes.Structure):
 @dataclass
 class StepPlan:
     layers: ctypes.Array  # of StepLayer, one per block
+    keep: list  # tensors made for the plan (the conv taps, tap-major) that its pointers point into
     states: list = field(default_factory=list)  # the cache state tensors the pointers were taken from
 
 
@@ -69,7 +70,7 @@ def _plain(*modules: nn.Module) -> bool:
     return kernels.fp32_cpu(*tensors) and all(t.is_contiguous() for t in tensors)
 
 
-def _mamba_layer(layer: StepLayer, m: Mamba2Mixer) -> bool:
+def _mamba_layer(layer: StepLayer, m: Mamba2Mixer, keep: list) -> bool:
     params = [m.conv1d.weight, m.conv1d.bias, m.dt_bias, m.A_log, m.D, m.norm.weight]
     present = [p for p in params if p is not None]
     if not (_plain(m.in_proj, m.out_proj) and kernels.fp32_cpu(*present)):
@@ -83,7 +84,9 @@ def _mamba_layer(layer: StepLayer, m: Mamba2Mixer) -> bool:
         m.in_proj.weight.shape[0],
     )
     layer.w_out, layer.b_out, layer.n_mix = _ptr(m.out_proj.weight), _ptr(m.out_proj.bias), m.d_inner
-    layer.conv_w, layer.conv_b = _ptr(m.conv1d.weight), _ptr(m.conv1d.bias)
+    taps = m.conv1d.weight.view(m.conv_dim, -1).t().contiguous()  # once per plan, not per step
+    keep.append(taps)
+    layer.conv_wT, layer.conv_b = _ptr(taps), _ptr(m.conv1d.bias)
     layer.dt_bias, layer.A_log, layer.D, layer.gnorm_w = (_ptr(p) for p in params[2:])
     layer.H, layer.P, layer.G, layer.N = m.n_heads, m.head_dim, m.n_groups, m.d_state
     layer.K, layer.gnorm_groups, layer.gnorm_eps = m.conv1d.weight.shape[-1], m.norm.n_groups, m.norm.eps
@@ -106,13 +109,13 @@ def _attention_layer(layer: StepLayer, a: Attention) -> bool:
 
 def build_plan(model: nn.Module) -> StepPlan | None:
     """The weight half of the plan, or None if some layer is not one the C step covers."""
-    layers = (StepLayer * len(model.layers))()
+    layers, keep = (StepLayer * len(model.layers))(), []
     for block, layer in zip(model.layers, layers, strict=True):
         if block.compiled_step is not None or not kernels.fp32_cpu(block.input_norm.weight):
             return None
         layer.norm_w, layer.norm_eps = _ptr(block.input_norm.weight), block.input_norm.eps
         if isinstance(block.mixer, Mamba2Mixer):
-            covered = _mamba_layer(layer, block.mixer)
+            covered = _mamba_layer(layer, block.mixer, keep)
         elif isinstance(block.mixer, Attention):
             covered = _attention_layer(layer, block.mixer)
         else:
@@ -128,7 +131,7 @@ def build_plan(model: nn.Module) -> StepPlan | None:
                 _ptr(t) for t in (norm_w, gate, up, down)
             )
             layer.inter = gate.shape[0]
-    return StepPlan(layers)
+    return StepPlan(layers, keep)
 
 
 def _bind_states(plan: StepPlan, cache: HybridCache) -> bool:

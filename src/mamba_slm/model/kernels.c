@@ -370,71 +370,93 @@ static inline float softplus(float v) { return v > 20.0f ? v : log1pf(expf(v)); 
  * zxbcdt (R x (d_inner + conv_dim + H)) -> out (R x d_inner), advancing the conv window
  * (R x (K-1) x conv_dim) and the SSM state (R x H x P x N) in place. The same math as
  * Mamba2Mixer.step's PyTorch ops (conv, SiLU, softplus, SSD recurrence, D skip, gated RMSNorm),
- * as one call instead of about thirty small ones. The recurrence, most of the work, runs in
- * parallel over (row, head) pairs, so a single row uses every thread too. */
+ * as one call instead of about thirty small ones. wT holds the conv taps tap-major (K x conv_dim),
+ * so that every per-row loop has unit stride; act (R x conv_dim) is scratch. The recurrence, most
+ * of the work, runs in parallel over (row, head) pairs, so a single row uses every thread too. */
+static void mamba2_step_taps(const float *zxbcdt, long zx_ld, float *conv_state, const float *wT,
+                             const float *conv_b, const float *dt_bias, const float *A_log, const float *D,
+                             float *ssm, const float *norm_w, float *out, float *act_all, long R, long d_inner,
+                             long H, long P, long G, long N, long K, long norm_groups, float eps, int nt) {
+    long conv_dim = d_inner + 2 * G * N, gs = d_inner / norm_groups;
+#pragma omp parallel num_threads(nt)
+    {
+#pragma omp for schedule(static)
+        for (long r = 0; r < R; r++) { /* conv + SiLU: x, B, C of each row */
+            const float *xbc = zxbcdt + r * zx_ld + d_inner;
+            float *restrict win = conv_state + r * (K - 1) * conv_dim;
+            float *restrict act = act_all + r * conv_dim;
+            const float *restrict last = wT + (K - 1) * conv_dim;
+            for (long c = 0; c < conv_dim; c++) act[c] = last[c] * xbc[c] + (conv_b ? conv_b[c] : 0.0f);
+            for (long i = 0; i < K - 1; i++) {
+                const float *restrict wi = wT + i * conv_dim, *restrict wv = win + i * conv_dim;
+                for (long c = 0; c < conv_dim; c++) act[c] += wi[c] * wv[c];
+            }
+            for (long c = 0; c < conv_dim; c++) act[c] = act[c] * sigmoid(act[c]);
+            for (long i = 0; i < K - 2; i++)
+                memcpy(win + i * conv_dim, win + (i + 1) * conv_dim, conv_dim * sizeof(float));
+            if (K > 1) memcpy(win + (K - 2) * conv_dim, xbc, conv_dim * sizeof(float));
+        }
+#pragma omp for schedule(static)
+        for (long rh = 0; rh < R * H; rh++) {
+            long r = rh / H, h = rh % H;
+            const float *act = act_all + r * conv_dim, *dtr = zxbcdt + r * zx_ld + d_inner + conv_dim;
+            const float *x = act, *B = act + d_inner, *C = B + G * N;
+            float dt = softplus(dtr[h] + dt_bias[h]);
+            float decay = expf(-expf(A_log[h]) * dt);
+            const float *restrict Bg = B + (h / (H / G)) * N, *restrict Cg = C + (h / (H / G)) * N;
+            float *restrict y = out + r * d_inner;
+            for (long p = 0; p < P; p++) {
+                float *restrict st = ssm + ((r * H + h) * P + p) * N;
+                float xdt = x[h * P + p] * dt, acc = 0.0f;
+                for (long n = 0; n < N; n++) {
+                    st[n] = st[n] * decay + xdt * Bg[n];
+                    acc += st[n] * Cg[n];
+                }
+                y[h * P + p] = acc + D[h] * x[h * P + p];
+            }
+        }
+#pragma omp for schedule(static)
+        for (long r = 0; r < R; r++) { /* gated RMSNorm */
+            const float *z = zxbcdt + r * zx_ld;
+            float *restrict y = out + r * d_inner;
+            for (long g0 = 0; g0 < d_inner; g0 += gs) {
+                float ss = 0.0f;
+                for (long c = g0; c < g0 + gs; c++) {
+                    float u = y[c] * z[c] * sigmoid(z[c]);
+                    y[c] = u;
+                    ss += u * u;
+                }
+                float rs = 1.0f / sqrtf(ss / gs + eps);
+                for (long c = g0; c < g0 + gs; c++) y[c] *= rs * norm_w[c];
+            }
+        }
+    }
+}
+
+/* `mamba2_step_taps` with the taps as the Conv1d stores them (conv_dim x K); scratch holds
+ * (R + K) x conv_dim floats. */
 void mamba2_step(const float *zxbcdt, long zx_ld, float *conv_state, const float *conv_w,
                  const float *conv_b, const float *dt_bias, const float *A_log, const float *D,
                  float *ssm, const float *norm_w, float *out, float *scratch, long R, long d_inner,
                  long H, long P, long G, long N, long K, long norm_groups, float eps, int nt) {
     long conv_dim = d_inner + 2 * G * N;
-    float *restrict wT = scratch + R * conv_dim; /* the conv taps, tap-major: unit-stride loops */
+    float *wT = scratch + R * conv_dim;
     for (long c = 0; c < conv_dim; c++)
         for (long i = 0; i < K; i++) wT[i * conv_dim + c] = conv_w[c * K + i];
-    for (long r = 0; r < R; r++) { /* conv + SiLU: x, B, C of each row into scratch */
-        const float *xbc = zxbcdt + r * zx_ld + d_inner;
-        float *restrict win = conv_state + r * (K - 1) * conv_dim;
-        float *restrict act = scratch + r * conv_dim;
-        const float *restrict last = wT + (K - 1) * conv_dim;
-        for (long c = 0; c < conv_dim; c++) act[c] = last[c] * xbc[c] + (conv_b ? conv_b[c] : 0.0f);
-        for (long i = 0; i < K - 1; i++) {
-            const float *restrict wi = wT + i * conv_dim, *restrict wv = win + i * conv_dim;
-            for (long c = 0; c < conv_dim; c++) act[c] += wi[c] * wv[c];
-        }
-        for (long c = 0; c < conv_dim; c++) act[c] = act[c] * sigmoid(act[c]);
-        for (long i = 0; i < K - 2; i++) memcpy(win + i * conv_dim, win + (i + 1) * conv_dim, conv_dim * sizeof(float));
-        if (K > 1) memcpy(win + (K - 2) * conv_dim, xbc, conv_dim * sizeof(float));
-    }
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (long rh = 0; rh < R * H; rh++) {
-        long r = rh / H, h = rh % H;
-        const float *act = scratch + r * conv_dim, *dtr = zxbcdt + r * zx_ld + d_inner + conv_dim;
-        const float *x = act, *B = act + d_inner, *C = B + G * N;
-        float dt = softplus(dtr[h] + dt_bias[h]);
-        float decay = expf(-expf(A_log[h]) * dt);
-        const float *restrict Bg = B + (h / (H / G)) * N, *restrict Cg = C + (h / (H / G)) * N;
-        float *restrict y = out + r * d_inner;
-        for (long p = 0; p < P; p++) {
-            float *restrict st = ssm + ((r * H + h) * P + p) * N;
-            float xdt = x[h * P + p] * dt, acc = 0.0f;
-            for (long n = 0; n < N; n++) {
-                st[n] = st[n] * decay + xdt * Bg[n];
-                acc += st[n] * Cg[n];
-            }
-            y[h * P + p] = acc + D[h] * x[h * P + p];
-        }
-    }
-    long gs = d_inner / norm_groups;
-    for (long r = 0; r < R; r++) { /* gated RMSNorm */
-        const float *z = zxbcdt + r * zx_ld;
-        float *restrict y = out + r * d_inner;
-        for (long g0 = 0; g0 < d_inner; g0 += gs) {
-            float ss = 0.0f;
-            for (long c = g0; c < g0 + gs; c++) {
-                float u = y[c] * z[c] * sigmoid(z[c]);
-                y[c] = u;
-                ss += u * u;
-            }
-            float rs = 1.0f / sqrtf(ss / gs + eps);
-            for (long c = g0; c < g0 + gs; c++) y[c] *= rs * norm_w[c];
-        }
-    }
+    mamba2_step_taps(zxbcdt, zx_ld, conv_state, wT, conv_b, dt_bias, A_log, D, ssm, norm_w, out, scratch, R,
+                     d_inner, H, P, G, N, K, norm_groups, eps, nt);
 }
 
 /* ------------------------------------------------------------------ one-query attention (decode) */
 
+#define KEYS 64 /* keys per block of the online softmax */
+
 /* out[b, h] = softmax(scale * K[b, kv] q[b, h]) V[b, kv] over T cached keys, kv = h / (H / Hkv),
- * for every (row, head) in parallel: each head's keys and values are read once, in order. Strides
- * are in floats (batch, head, token); the last dimension D is contiguous. */
+ * for every (row, head) in parallel. One pass over blocks of keys with an online softmax (the
+ * running max and sum rescale what is accumulated so far), so each block's keys and values are
+ * read together: two memory streams per thread instead of one at a time, which is what long
+ * contexts are bound by. Strides are in floats (batch, head, token); the last dimension D is
+ * contiguous. scratch holds KEYS floats per (row, head). */
 void attend_one(const float *q, long q_bs, long q_hs, const float *k, long k_bs, long k_hs, long k_ts,
                 const float *v, long v_bs, long v_hs, long v_ts, float *out, float *scratch, long B, long H,
                 long Hkv, long T, long D, float scale, int nt) {
@@ -443,21 +465,33 @@ void attend_one(const float *q, long q_bs, long q_hs, const float *k, long k_bs,
         long b = bh / H, h = bh % H, kv = h / (H / Hkv);
         const float *restrict qv = q + b * q_bs + h * q_hs;
         const float *kb = k + b * k_bs + kv * k_hs, *vb = v + b * v_bs + kv * v_hs;
-        float *restrict s = scratch + bh * T, *restrict o = out + bh * D;
-        for (long t = 0; t < T; t++) s[t] = dot1(kb + t * k_ts, qv, D) * scale;
-        float m = s[0]; /* T >= 1; no infinity constants under -ffast-math */
-        for (long t = 1; t < T; t++) m = fmaxf(m, s[t]);
-        float sum = 0.0f;
-        for (long t = 0; t < T; t++) {
-            s[t] = expf(s[t] - m);
-            sum += s[t];
-        }
+        float *restrict s = scratch + bh * KEYS, *restrict o = out + bh * D;
+        float m = 0.0f, sum = 0.0f; /* no infinity constants under -ffast-math: m is set by block 0 */
         memset(o, 0, D * sizeof(float));
-        for (long t = 0; t < T; t++) {
-            const float *restrict vt = vb + t * v_ts;
-            float w = s[t] / sum;
-            for (long d = 0; d < D; d++) o[d] += w * vt[d];
+        for (long t0 = 0; t0 < T; t0 += KEYS) {
+            long n = T - t0 < KEYS ? T - t0 : KEYS;
+            float bm = s[0] = dot1(kb + t0 * k_ts, qv, D) * scale;
+            for (long t = 1; t < n; t++) {
+                s[t] = dot1(kb + (t0 + t) * k_ts, qv, D) * scale;
+                bm = fmaxf(bm, s[t]);
+            }
+            if (t0 == 0 || bm > m) {
+                float c = t0 == 0 ? 1.0f : expf(m - bm);
+                for (long d = 0; d < D; d++) o[d] *= c;
+                sum *= c;
+                m = bm;
+            }
+            for (long t = 0; t < n; t++) {
+                s[t] = expf(s[t] - m);
+                sum += s[t];
+            }
+            for (long t = 0; t < n; t++) {
+                const float *restrict vt = vb + (t0 + t) * v_ts;
+                float w = s[t];
+                for (long d = 0; d < D; d++) o[d] += w * vt[d];
+            }
         }
+        for (long d = 0; d < D; d++) o[d] /= sum;
     }
 }
 
@@ -491,7 +525,7 @@ typedef struct {
     long n_mix;                 /* d_inner, or heads x head_dim */
     /* Mamba-2 */
     float *conv_state, *ssm;
-    const float *conv_w, *conv_b, *dt_bias, *A_log, *D, *gnorm_w;
+    const float *conv_wT, *conv_b, *dt_bias, *A_log, *D, *gnorm_w; /* conv taps tap-major (K x conv_dim) */
     long H, P, G, N, K, gnorm_groups;
     float gnorm_eps;
     /* attention: RoPE'd keys and values are written at slot `slot` of the caches (R x Hkv x cap x hd) */
@@ -533,22 +567,22 @@ int hybrid_step(const StepLayer *layers, long n_layers, float *x, long R, long D
         mix = L->n_mix > mix ? L->n_mix : mix;
         inter = L->inter > inter ? L->inter : inter;
         heads = L->heads > heads ? L->heads : heads;
-        long c = L->kind == 0 ? (R + L->K) * (L->n_mix + 2 * L->G * L->N) : 0;
+        long c = L->kind == 0 ? R * (L->n_mix + 2 * L->G * L->N) : 0;
         conv = c > conv ? c : conv;
     }
     long T = slot + 1;
-    size_t floats = R * (3 * D + wide + mix + 2 * inter + heads * T) + conv + 64;
+    size_t floats = R * (3 * D + wide + mix + 2 * inter + heads * KEYS) + conv + 64;
     float *buf = aligned_alloc(64, ((floats * sizeof(float) + 63) / 64) * 64);
     if (!buf) return 0;
     float *normed = buf, *delta = normed + R * D, *tmp = delta + R * D, *in = tmp + R * D;
     float *y = in + R * wide, *g = y + R * mix, *u = g + R * inter, *scores = u + R * inter;
-    float *scratch = scores + R * heads * T;
+    float *scratch = scores + R * heads * KEYS;
     for (long i = 0; i < n_layers; i++) {
         const StepLayer *L = &layers[i];
         rms_norm_fwd(x, D, L->norm_w, normed, R, D, L->norm_eps, 1);
         if (L->kind == 0) {
             linear_rows(normed, D, L->w_in, L->b_in, in, R, L->n_in, D, nt);
-            mamba2_step(in, L->n_in, L->conv_state, L->conv_w, L->conv_b, L->dt_bias, L->A_log, L->D, L->ssm,
+            mamba2_step_taps(in, L->n_in, L->conv_state, L->conv_wT, L->conv_b, L->dt_bias, L->A_log, L->D, L->ssm,
                         L->gnorm_w, y, scratch, R, L->n_mix, L->H, L->P, L->G, L->N, L->K, L->gnorm_groups,
                         L->gnorm_eps, nt);
         } else {

@@ -376,13 +376,16 @@ def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
+ATTEND_KEYS = 64  # KEYS in kernels.c: the keys per block of attend_one's online softmax
+
+
 def attend_one(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Attention of one query per head over all cached keys, no mask (a decode step).
     q: (b, h, 1, d); k, v: (b, h_kv, T, d) views of the cache. Returns (b, 1, h * d)."""
     b, h, _, d = q.shape
     hkv, t = k.shape[1], k.shape[2]
     out = torch.empty(b, 1, h * d, dtype=q.dtype)
-    scratch = torch.empty(b * h, t, dtype=torch.float32)
+    scratch = torch.empty(b * h, ATTEND_KEYS, dtype=torch.float32)
     library().attend_one(
         q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
         v.data_ptr(), v.stride(0), v.stride(1), v.stride(2), out.data_ptr(), scratch.data_ptr(),
