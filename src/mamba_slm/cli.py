@@ -178,7 +178,9 @@ def add_generation_args(p: argparse.ArgumentParser, temperature: float, max_new_
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cpu)")
     p.add_argument(
-        "--compile", action="store_true", help="compile the decode step (a few seconds; faster decoding)"
+        "--compile",
+        action="store_true",
+        help="torch.compile the decode step (for GPUs; a CPU's C step is faster)",
     )
 
 

@@ -270,7 +270,8 @@ class HybridLM(nn.Module):
         compiled step fuses them into a few kernels (measured here: 315 -> 150 us per block). Shapes
         are static per batch size, so a graph is compiled once per block and batch size. On CUDA,
         mode="reduce-overhead" also captures CUDA graphs. In an attention block everything but the
-        attention over the growing KV cache is compiled."""
+        attention over the growing KV cache is compiled. On a CPU with the C kernels, the default
+        one-call step (`fused_step.py`) is faster than the compiled blocks; this is for GPUs."""
 
         def compiled(fn):
             return torch.compile(fn, mode=mode, dynamic=False)
