@@ -93,19 +93,38 @@ def test_whole_step_matches_the_module_path(name, batch, fused_runs, monkeypatch
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+def test_left_padded_rows_match_the_module_path_and_never_see_their_padding(fused_runs, monkeypatch):
+    model = _perturbed(ModelConfig.from_preset("tiny", vocab_size=96, layer_pattern="MAMA"), seed=7)
+    ids = torch.randint(0, 96, (3, 14))
+    prompt_mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1] * 6, [0, 1, 1, 1, 1, 1]])
+
+    def decode():
+        cache = model.allocate_cache(3, capacity=8)  # grows in the middle: the valid slots with it
+        with torch.no_grad():
+            model(ids[:, :6], attention_mask=prompt_mask, cache=cache)
+            return torch.stack([model(ids[:, t : t + 1], cache=cache).logits[:, -1] for t in range(6, 14)])
+
+    got = decode()
+    assert fused_runs == [True] * 8
+    _module_path(monkeypatch)
+    torch.testing.assert_close(got, decode(), atol=1e-4, rtol=1e-4)
+    alone = model(ids[2:, 1:]).logits[0, 5:]  # the third row without its padding
+    torch.testing.assert_close(got[:, 2], alone, atol=1e-4, rtol=1e-4)
+
+
 def test_module_path_where_the_step_does_not_apply(fused_runs):
     tiny = ModelConfig.from_preset("tiny", vocab_size=96)
     model = _perturbed(tiny, seed=4)
     ids = torch.randint(0, 96, (2, 8))
-    cache = model.allocate_cache(2)
-    with torch.no_grad():  # left padding: this step needs an attention mask
-        model(ids[:, :6], attention_mask=torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6]), cache=cache)
-        model(ids[:, 6:7], cache=cache)
     with torch.enable_grad():  # autograd
         model(ids[:, 7:8], cache=model.allocate_cache(2))
     with torch.no_grad():  # more rows than the few-row products are for
         model(torch.randint(0, 96, (17, 1)), cache=model.allocate_cache(17))
-    assert fused_runs == [False, False, False]
+    assert fused_runs == [False, False]
+    for overrides in (dict(pos_encoding="alibi"), dict(sliding_window=6)):  # masks beyond padding
+        fused_runs.clear()
+        _decode(_perturbed(ModelConfig.from_preset("tiny", vocab_size=96, **overrides), seed=4), ids, 4)
+        assert fused_runs == [False] * 4 if "alibi" in overrides else [True, True, False, False]
 
 
 def test_uncovered_layers_keep_the_module_path_and_their_outputs(fused_runs):

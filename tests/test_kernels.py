@@ -197,6 +197,22 @@ def test_one_query_attention_over_many_key_blocks_rescales_its_running_softmax()
     torch.testing.assert_close(got, want.transpose(1, 2).reshape(3, 1, 64), atol=1e-5, rtol=1e-5)
 
 
+def test_one_query_attention_skips_padding_slots():
+    torch.manual_seed(11)
+    t = kernels.ATTEND_KEYS + 20
+    k, v = torch.randn(2, 2, t, 16), torch.randn(2, 2, t, 16)
+    valid = torch.ones(2, t + 3, dtype=torch.bool)  # the cache's slots: capacity t + 3
+    valid[0, : kernels.ATTEND_KEYS + 5] = False  # a whole block of padding, and more
+    valid[1, 3:9] = False
+    q = torch.randn(2, 1, 4, 16).transpose(1, 2)
+    mask = valid[:, None, None, :t]
+    want = F.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=mask
+    )
+    got = kernels.attend_one(q, k, v, valid)
+    torch.testing.assert_close(got, want.transpose(1, 2).reshape(2, 1, 64), atol=1e-5, rtol=1e-5)
+
+
 def test_fused_mlp_branch_matches_the_modules_and_never_skips_an_adapter(monkeypatch):
     from peft import LoraConfig, get_peft_model
 

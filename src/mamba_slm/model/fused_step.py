@@ -11,8 +11,9 @@ fast paths' checks; the state pointers are refreshed whenever the cache replaces
 (beam search's row reordering, the KV buffers' growth). Anything the C step does not cover
 falls back to the module path, which computes the same thing: autograd, torch.compile, a GPU,
 non-fp32 weights, adapters or quantized layers (they are not plain `Linear`s), Mamba-1
-mixers, padding or ALiBi or a sliding window (the step has an attention mask), more rows than
-the few-row products are for.
+mixers, ALiBi or a sliding window narrower than the context, more rows than the few-row
+products are for. Left padding is covered: the attention skips the slots the cache marks as
+padding.
 """
 
 from __future__ import annotations
@@ -153,6 +154,20 @@ def _bind_states(plan: StepPlan, cache: HybridCache) -> bool:
     return True
 
 
+def _padding_at_most(config, attn: AttentionInputs | None, cache: HybridCache) -> bool:
+    """Whether this step's attention mask, if any, only hides padding, which the C step reads
+    from the cache's valid slots; ALiBi biases and a sliding window narrower than the context
+    are the module path's."""
+    if attn is None or attn.mask is None:
+        return True
+    window = config.sliding_window
+    return (
+        config.pos_encoding != "alibi"
+        and (window is None or window > cache.seqlen)
+        and cache.valid.is_contiguous()
+    )
+
+
 def run(model: nn.Module, hidden: Tensor, attn: AttentionInputs | None, cache: HybridCache) -> bool:
     """Advance `hidden` (b, 1, d_model), the embedded tokens, through every block in place and
     the cache's states with it. False (nothing done) where the module path must run instead."""
@@ -163,7 +178,7 @@ def run(model: nn.Module, hidden: Tensor, attn: AttentionInputs | None, cache: H
         or torch.compiler.is_compiling()
         or not kernels.fp32_cpu(hidden)
         or not hidden.is_contiguous()
-        or (attn is not None and attn.mask is not None)
+        or not _padding_at_most(model.config, attn, cache)
     ):
         return False
     key = (model, "hybrid_step")
@@ -175,8 +190,9 @@ def run(model: nn.Module, hidden: Tensor, attn: AttentionInputs | None, cache: H
     cos = sin = None
     if attn is not None and attn.cos is not None:
         cos, sin = attn.cos.contiguous(), attn.sin.contiguous()
+    valid = cache.valid if cache.padded else None  # which slots are real tokens, per row
     done = kernels.library().hybrid_step(
         plan.layers, len(plan.layers), hidden.data_ptr(), rows, hidden.shape[-1], _ptr(cos), _ptr(sin),
-        cache.seqlen, torch.get_num_threads(),
+        _ptr(valid), cache.capacity, cache.seqlen, torch.get_num_threads(),
     )  # fmt: skip
     return bool(done)

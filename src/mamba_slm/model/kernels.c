@@ -456,36 +456,46 @@ void mamba2_step(const float *zxbcdt, long zx_ld, float *conv_state, const float
  * running max and sum rescale what is accumulated so far), so each block's keys and values are
  * read together: two memory streams per thread instead of one at a time, which is what long
  * contexts are bound by. Strides are in floats (batch, head, token); the last dimension D is
- * contiguous. scratch holds KEYS floats per (row, head). */
+ * contiguous. valid (B x valid_ld bytes, or NULL: all) marks the slots that hold real tokens, so
+ * a left-padded row never attends to its padding; each row needs at least one. scratch holds
+ * KEYS floats per (row, head). */
 void attend_one(const float *q, long q_bs, long q_hs, const float *k, long k_bs, long k_hs, long k_ts,
-                const float *v, long v_bs, long v_hs, long v_ts, float *out, float *scratch, long B, long H,
-                long Hkv, long T, long D, float scale, int nt) {
+                const float *v, long v_bs, long v_hs, long v_ts, const unsigned char *valid, long valid_ld,
+                float *out, float *scratch, long B, long H, long Hkv, long T, long D, float scale, int nt) {
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (long bh = 0; bh < B * H; bh++) {
         long b = bh / H, h = bh % H, kv = h / (H / Hkv);
         const float *restrict qv = q + b * q_bs + h * q_hs;
         const float *kb = k + b * k_bs + kv * k_hs, *vb = v + b * v_bs + kv * v_hs;
+        const unsigned char *ok = valid ? valid + b * valid_ld : NULL;
         float *restrict s = scratch + bh * KEYS, *restrict o = out + bh * D;
-        float m = 0.0f, sum = 0.0f; /* no infinity constants under -ffast-math: m is set by block 0 */
+        float m = 0.0f, sum = 0.0f; /* no infinity constants under -ffast-math: m is set by a first key */
+        int started = 0;
         memset(o, 0, D * sizeof(float));
         for (long t0 = 0; t0 < T; t0 += KEYS) {
             long n = T - t0 < KEYS ? T - t0 : KEYS;
-            float bm = s[0] = dot1(kb + t0 * k_ts, qv, D) * scale;
-            for (long t = 1; t < n; t++) {
+            float bm = 0.0f;
+            int any = 0;
+            for (long t = 0; t < n; t++) {
+                if (ok && !ok[t0 + t]) continue;
                 s[t] = dot1(kb + (t0 + t) * k_ts, qv, D) * scale;
-                bm = fmaxf(bm, s[t]);
+                bm = any ? fmaxf(bm, s[t]) : s[t];
+                any = 1;
             }
-            if (t0 == 0 || bm > m) {
-                float c = t0 == 0 ? 1.0f : expf(m - bm);
+            if (!any) continue;
+            if (!started || bm > m) {
+                float c = started ? expf(m - bm) : 1.0f;
                 for (long d = 0; d < D; d++) o[d] *= c;
                 sum *= c;
                 m = bm;
+                started = 1;
             }
             for (long t = 0; t < n; t++) {
-                s[t] = expf(s[t] - m);
+                s[t] = ok && !ok[t0 + t] ? 0.0f : expf(s[t] - m);
                 sum += s[t];
             }
             for (long t = 0; t < n; t++) {
+                if (ok && !ok[t0 + t]) continue;
                 const float *restrict vt = vb + (t0 + t) * v_ts;
                 float w = s[t];
                 for (long d = 0; d < D; d++) o[d] += w * vt[d];
@@ -557,9 +567,9 @@ static void rope_rows(float *t, long R, long ld, long heads, long hd, const floa
  * (pre-norm mixer, residual, pre-norm SwiGLU MLP, residual), in place. One call instead of ~70
  * Python-level calls per step, and no gaps in which the weight stream goes cold. cos/sin (R x hd)
  * rotate the attention layers' queries and keys; `slot` is the cache slot of this token, so the
- * attention reads slot + 1 keys. Returns 0 (x untouched) when scratch cannot be allocated. */
+ * attention reads slot + 1 keys, those that `valid` (R x valid_ld bytes, or NULL) marks real. Returns 0 (x untouched) when scratch cannot be allocated. */
 int hybrid_step(const StepLayer *layers, long n_layers, float *x, long R, long D, const float *cos,
-                const float *sin, long slot, int nt) {
+                const float *sin, const unsigned char *valid, long valid_ld, long slot, int nt) {
     long wide = D, conv = 0, inter = 0, heads = 0, mix = 0;
     for (long i = 0; i < n_layers; i++) {
         const StepLayer *L = &layers[i];
@@ -602,7 +612,7 @@ int hybrid_step(const StepLayer *layers, long n_layers, float *x, long R, long D
                     memcpy(L->v_cache + at, v + r * kv_w + h * hd, hd * sizeof(float));
                 }
             attend_one(q, q_w, hd, L->k_cache, L->kv_heads * cap * hd, cap * hd, hd, L->v_cache,
-                       L->kv_heads * cap * hd, cap * hd, hd, y, scores, R, L->heads, L->kv_heads, T, hd,
+                       L->kv_heads * cap * hd, cap * hd, hd, valid, valid_ld, y, scores, R, L->heads, L->kv_heads, T, hd,
                        1.0f / sqrtf((float)hd), R * L->heads > 1 ? nt : 1);
         }
         linear_rows(y, L->n_mix, L->w_out, L->b_out, delta, R, D, L->n_mix, nt);
