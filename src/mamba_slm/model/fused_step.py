@@ -5,6 +5,8 @@ this machine's memory bandwidth, and the module path added ~0.9 ms around that: 
 Python-level calls per step (module dispatch, fast-path checks, ctypes argument conversion),
 and in the gaps between them the weight stream restarts cold. `hybrid_step` runs the same
 kernels (`linear_rows`, `mamba2_step`, `attend_one`, `mlp_rows`) back to back inside one call.
+Measured on 2 cores, same process: 3.20 -> 2.40 ms per batch-1 step at context 128, and
+1.2-1.25x at context 4k, at batch 16 and for a left-padded batch.
 
 The layers' weight pointers are gathered once per cache (one generation), like the other decode
 fast paths' checks; the state pointers are refreshed whenever the cache replaces a state tensor
