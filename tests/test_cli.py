@@ -129,6 +129,9 @@ def test_generate_json_prompt_file_and_stream(tiny_model_dir, tmp_path, capsys):
     assert main([*args, "--prompt", "To be", "--num-beams", "3", "-n", "2", "--json"]) == 0
     beams = json.loads(capsys.readouterr().out)["completions"]
     assert len(beams) == 2 and beams[0]["score"] >= beams[1]["score"]
+    assert main([*args, "--prompt-file", str(prompts), "--json", "--kv-cache-dtype", "bfloat16"]) == 0
+    half = json.loads(capsys.readouterr().out)["completions"]
+    assert [len(c["tokens"]) for c in half] == [6, 6]
 
 
 def test_generate_and_bench_bad_input_is_one_line(tiny_model_dir, tmp_path):
@@ -146,6 +149,7 @@ def test_generate_and_bench_bad_input_is_one_line(tiny_model_dir, tmp_path):
             ["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--stream", "--num-beams", "2"],
             "--stream",
         ),
+        (["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--kv-cache-dtype", "int8"], "int8"),
     ]
     for argv, message in cases:
         result = run(*argv)

@@ -44,11 +44,13 @@ def _perturbed(config: ModelConfig, seed: int, biases: bool = False) -> HybridLM
     return model
 
 
-def _decode(model: HybridLM, ids: torch.Tensor, prompt_len: int, reorder_at: int | None = None):
+def _decode(
+    model: HybridLM, ids: torch.Tensor, prompt_len: int, reorder_at: int | None = None, kv_dtype=None
+):
     """Prefill `prompt_len` tokens, then one token per step; returns every step's logits and the
     final cache. A small capacity makes the KV buffers grow in the middle; `reorder_at` reverses
     the rows there (beam search's reordering), and the ids with them."""
-    cache = model.allocate_cache(ids.shape[0], capacity=prompt_len + 2)
+    cache = model.allocate_cache(ids.shape[0], capacity=prompt_len + 2, kv_dtype=kv_dtype)
     steps = []
     with torch.no_grad():
         model(ids[:, :prompt_len], cache=cache)
@@ -91,6 +93,24 @@ def test_whole_step_matches_the_module_path(name, batch, fused_runs, monkeypatch
         for a, b in zip(vars(fused).values(), vars(plain).values(), strict=True):
             if isinstance(a, torch.Tensor):
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_kv_cache_matches_the_module_path_bit_for_bit(kv_dtype, fused_runs, monkeypatch):
+    model = _perturbed(ModelConfig.from_preset("tiny", vocab_size=96, layer_pattern="MAMA"), seed=8)
+    ids = torch.randint(0, 96, (2, 14))
+    got, got_cache = _decode(model, ids, prompt_len=5, reorder_at=9, kv_dtype=kv_dtype)
+    assert fused_runs and all(fused_runs)
+    wide, _ = _decode(model, ids, prompt_len=5, reorder_at=9)  # an fp32 cache
+    _module_path(monkeypatch)
+    want, want_cache = _decode(model, ids, prompt_len=5, reorder_at=9, kv_dtype=kv_dtype)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    for fused, plain in zip(got_cache.layers, want_cache.layers, strict=True):
+        if hasattr(fused, "k"):  # the C step rounds keys and values as PyTorch does
+            assert (
+                fused.k.dtype == kv_dtype and torch.equal(fused.k, plain.k) and torch.equal(fused.v, plain.v)
+            )
+    assert 0 < (got - wide).abs().max() < 0.05  # 16-bit keys and values: close to the fp32 cache, not equal
 
 
 def test_left_padded_rows_match_the_module_path_and_never_see_their_padding(fused_runs, monkeypatch):

@@ -55,6 +55,22 @@ def test_left_padded_sampled_batch_gives_each_prompt_its_own_tokens():
         assert completion.tokens == Engine(model).generate([prompt], cfg)[0].tokens
 
 
+def test_a_16_bit_kv_cache_halves_the_cache_and_keeps_greedy_close(monkeypatch):
+    model = tiny()
+    caches = []
+    allocate = model.allocate_cache
+    monkeypatch.setattr(
+        model, "allocate_cache", lambda *a, **k: caches.append(allocate(*a, **k)) or caches[-1]
+    )
+    cfg = GenerationConfig(max_new_tokens=8, temperature=0)
+    full = Engine(model).generate([[5, 17, 99, 3]], cfg)[0].tokens
+    half = Engine(model, kv_cache_dtype=torch.bfloat16).generate([[5, 17, 99, 3]], cfg)[0].tokens
+    kv = [[s.k for s in c.layers if hasattr(s, "k")][0] for c in caches]
+    assert (kv[0].dtype, kv[1].dtype) == (torch.float32, torch.bfloat16)
+    assert kv[1].untyped_storage().nbytes() * 2 == kv[0].untyped_storage().nbytes()
+    assert len(half) == 8 and half[:4] == full[:4]  # rounding may flip a near tie later, not at once
+
+
 def test_seeded_sampling_is_reproducible_and_stops_at_eos():
     model = tiny()
     cfg = SamplingConfig(max_new_tokens=20, temperature=1.0, top_p=0.9, seed=7)

@@ -213,6 +213,18 @@ def test_one_query_attention_skips_padding_slots():
     torch.testing.assert_close(got, want.transpose(1, 2).reshape(2, 1, 64), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_one_query_attention_reads_a_16_bit_cache(dtype):
+    torch.manual_seed(12)
+    t = kernels.ATTEND_KEYS + 9
+    k, v = torch.randn(2, 2, t, 16).to(dtype), torch.randn(2, 2, t, 16).to(dtype)
+    q = torch.randn(2, 1, 4, 16).transpose(1, 2)
+    wide_k, wide_v = k.float().repeat_interleave(2, 1), v.float().repeat_interleave(2, 1)
+    want = F.scaled_dot_product_attention(q, wide_k, wide_v)  # over the stored 16-bit values
+    got = kernels.attend_one(q, k, v)
+    torch.testing.assert_close(got, want.transpose(1, 2).reshape(2, 1, 64), atol=1e-5, rtol=1e-5)
+
+
 def test_fused_mlp_branch_matches_the_modules_and_never_skips_an_adapter(monkeypatch):
     from peft import LoraConfig, get_peft_model
 

@@ -27,6 +27,14 @@ MODEL_FIELDS = ("d_model", "n_layers", "layer_pattern", "attn_ratio", "mixer", "
                 "n_kv_heads", "d_intermediate", "chunk_size", "pos_encoding", "sliding_window")  # fmt: skip
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Usage mistakes (an unknown flag, a bad choice) as one line and exit status 2, like every other
+    input error; the usage is one `--help` away. Subcommand parsers inherit the class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dataset", default="shakespeare", help="built-in name, local file/folder/glob, or hub id"
@@ -182,6 +190,16 @@ def add_generation_args(p: argparse.ArgumentParser, temperature: float, max_new_
         action="store_true",
         help="torch.compile the decode step (for GPUs; a CPU's C step is faster)",
     )
+    add_kv_cache_dtype(p)
+
+
+def add_kv_cache_dtype(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--kv-cache-dtype",
+        choices=("float32", "bfloat16", "float16"),
+        help="the attention layers' cached keys and values (default: the model's dtype); "
+        "16 bits halve their memory and what long contexts read per token",
+    )
 
 
 def generation_config(engine, args: argparse.Namespace, **extra):
@@ -220,7 +238,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 def cmd_generate(args: argparse.Namespace) -> None:
     from .generation import load_engine
 
-    engine = load_engine(args.model, args.adapter, args.device, args.compile)
+    engine = load_engine(args.model, args.adapter, args.device, args.compile, args.kv_cache_dtype)
     prompts = read_prompts(args)
     config = generation_config(engine, args, num_return_sequences=args.num_return_sequences)
     start = time.perf_counter()
@@ -253,7 +271,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from .chat import ChatSession, is_chat_model, run_chat
     from .generation import load_engine
 
-    engine = load_engine(args.model, args.adapter, args.device, args.compile)
+    engine = load_engine(args.model, args.adapter, args.device, args.compile, args.kv_cache_dtype)
     template = args.template
     if template == "auto":
         chat = is_chat_model(args.model) or (args.adapter is not None and is_chat_model(args.adapter))
@@ -269,7 +287,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from .bench import BenchArgs, format_report, run_bench
     from .generation import load_engine
 
-    engine = load_engine(args.model, args.adapter, args.device, args.compile)
+    engine = load_engine(args.model, args.adapter, args.device, args.compile, args.kv_cache_dtype)
     bench_args = BenchArgs(max_new_tokens=args.max_new_tokens, positions=args.positions,
                            batch_sizes=args.batch_sizes, compare_hf=args.compare == "hf")  # fmt: skip
     report = run_bench(engine, bench_args)
@@ -287,7 +305,7 @@ def int_list(text: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="mamba-slm", description="Hybrid Mamba-Transformer small language models."
     )
     commands = parser.add_subparsers(dest="command", required=True)
@@ -398,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--adapter")
     bench.add_argument("--device")
     bench.add_argument("--compile", action="store_true", help="compile the decode step first")
+    add_kv_cache_dtype(bench)
     bench.add_argument("--max-new-tokens", type=int, default=100)
     bench.add_argument("--positions", type=int_list, default=(128, 1024, 4096),
                        help="context positions for per-token latency")  # fmt: skip

@@ -208,8 +208,17 @@ class _Collector:
 class Engine:
     """Batched generation over a `HybridLM` (token ids in, `Completion`s out; text when given a tokenizer)."""
 
-    def __init__(self, model: HybridLM, tokenizer=None, compile: bool = False) -> None:
+    def __init__(
+        self,
+        model: HybridLM,
+        tokenizer=None,
+        compile: bool = False,
+        kv_cache_dtype: torch.dtype | None = None,
+    ) -> None:
+        """kv_cache_dtype: the attention layers' cached keys and values (default: the model's dtype);
+        bf16 or fp16 halve what a long context stores and reads per step, at 16-bit precision."""
         self.model = model  # in eval mode while it generates, its own mode restored after (_evaluating)
+        self.kv_cache_dtype = kv_cache_dtype
         if compile:  # opt-in: a compiled decode step per Mamba block (HybridLM.compile_decode)
             model.compile_decode("reduce-overhead" if next(model.parameters()).is_cuda else None)
         self.tokenizer = tokenizer
@@ -320,7 +329,9 @@ class Engine:
     # ------------------------------------------------------------------ step generators
     def _prefill(self, ids: list[list[int]], config: GenerationConfig, hidden: bool = False):
         tokens, mask = left_pad(ids, self.pad_id, self.device)
-        cache = self.model.allocate_cache(len(ids), capacity=tokens.shape[1] + config.max_new_tokens)
+        cache = self.model.allocate_cache(
+            len(ids), capacity=tokens.shape[1] + config.max_new_tokens, kv_dtype=self.kv_cache_dtype
+        )
         keep = 0 if hidden else 1
         out = self.model(tokens, attention_mask=mask, cache=cache, num_logits_to_keep=keep,
                          output_hidden_states=hidden)  # fmt: skip
@@ -455,8 +466,15 @@ def config_from(base: GenerationConfig, **changes) -> GenerationConfig:
     return replace(base, **{k: v for k, v in changes.items() if v is not None and k in known})
 
 
+KV_CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def load_engine(
-    path: str, adapter: str | None = None, device: str | None = None, compile: bool = False
+    path: str,
+    adapter: str | None = None,
+    device: str | None = None,
+    compile: bool = False,
+    kv_cache_dtype: str | None = None,
 ) -> Engine:
     """An engine for a model directory (its tokenizer included), with a LoRA adapter merged in if given."""
     from .checkpoint import load_model
@@ -479,4 +497,5 @@ def load_engine(
             raise GenerationError(
                 f"--device {device}: not usable here ({str(e).splitlines()[0][:120]})"
             ) from None
-    return Engine(model, load_tokenizer(path), compile=compile)
+    kv = KV_CACHE_DTYPES[kv_cache_dtype] if kv_cache_dtype else None
+    return Engine(model, load_tokenizer(path), compile=compile, kv_cache_dtype=kv)

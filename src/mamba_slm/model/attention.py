@@ -158,6 +158,8 @@ class Attention(nn.Module):
         b, _, q_len, _ = q.shape
         if cache is not None:
             k, v = cache.append_kv(self.layer_idx, k, v)  # (b, hkv, T, hd)
+            if k.dtype != q.dtype:  # a 16-bit KV cache: the stored (rounded) values, in the model's dtype
+                k, v = k.to(q.dtype), v.to(q.dtype)
         repeat = self.n_heads // self.n_kv_heads
         if (
             q_len == 1

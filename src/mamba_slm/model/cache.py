@@ -39,7 +39,10 @@ class HybridCache:
         capacity: int = 256,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
+        """dtype: the Mamba states' (and by default the keys' and values'); kv_dtype: the keys' and
+        values', e.g. bf16 to halve what attention layers store and read at long contexts."""
         self.config = config
         self.seqlen = 0  # slots written so far (padding included)
         self.capacity = max(1, capacity)
@@ -53,13 +56,14 @@ class HybridCache:
         self.memo: dict = {}
         self.layers: list[MambaState | KVState] = []
         c = config
+        kv_dtype = kv_dtype or dtype
         for kind in c.layer_pattern:
             if kind == "A":
                 shape = (batch_size, c.n_kv_heads, self.capacity, c.attn_head_dim)
                 self.layers.append(
                     KVState(
-                        torch.zeros(shape, device=device, dtype=dtype),
-                        torch.zeros(shape, device=device, dtype=dtype),
+                        torch.zeros(shape, device=device, dtype=kv_dtype),
+                        torch.zeros(shape, device=device, dtype=kv_dtype),
                     )
                 )
             elif c.mixer == "mamba2":

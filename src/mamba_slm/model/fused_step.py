@@ -48,7 +48,7 @@ class StepLayer(ctypes.Structure):
         ("H", _L), ("P", _L), ("G", _L), ("N", _L), ("K", _L), ("gnorm_groups", _L), ("gnorm_eps", _F),
         ("w_k", _P), ("b_k", _P), ("w_v", _P), ("b_v", _P),
         ("k_cache", _P), ("v_cache", _P),
-        ("heads", _L), ("kv_heads", _L), ("head_dim", _L), ("capacity", _L),
+        ("heads", _L), ("kv_heads", _L), ("head_dim", _L), ("capacity", _L), ("kv_type", _L),
         ("mlp_norm_w", _P), ("mlp_eps", _F),
         ("w_gate", _P), ("w_up", _P), ("w_down", _P), ("inter", _L),
     ]  # fmt: skip
@@ -139,18 +139,24 @@ def build_plan(model: nn.Module) -> StepPlan | None:
 
 def _bind_states(plan: StepPlan, cache: HybridCache) -> bool:
     """Point the plan at the cache's current state tensors (they change on row reordering and
-    KV growth); False if one is not contiguous fp32."""
+    KV growth); False if one is not contiguous, or of a type the C step does not read (Mamba
+    states: fp32; keys and values: fp32, bf16 or fp16)."""
     states = [(s.conv, s.ssm) if isinstance(s, MambaState) else (s.k, s.v) for s in cache.layers]
     if len(states) == len(plan.states) and all(
         a is c and b is d for (a, b), (c, d) in zip(states, plan.states, strict=True)
     ):
         return True
     for layer, (first, second), state in zip(plan.layers, states, cache.layers, strict=True):
-        if not (first.is_contiguous() and second.is_contiguous() and kernels.fp32_cpu(first, second)):
+        if not (first.is_contiguous() and second.is_contiguous() and first.device.type == "cpu"):
             return False
         if isinstance(state, KVState):
+            if first.dtype not in kernels.KV_TYPES or second.dtype != first.dtype:
+                return False
             layer.k_cache, layer.v_cache, layer.capacity = first.data_ptr(), second.data_ptr(), first.shape[2]
+            layer.kv_type = kernels.KV_TYPES[first.dtype]
         else:
+            if not kernels.fp32_cpu(first, second):
+                return False
             layer.conv_state, layer.ssm = first.data_ptr(), second.data_ptr()
     plan.states = states
     return True

@@ -259,9 +259,14 @@ class HybridLM(nn.Module):
         return build_attention_inputs(self.config, *self._rope, positions, key_valid, offset, dtype)
 
     # ------------------------------------------------------------------ conveniences
-    def allocate_cache(self, batch_size: int, capacity: int = 256) -> HybridCache:
+    def allocate_cache(
+        self, batch_size: int, capacity: int = 256, kv_dtype: torch.dtype | None = None
+    ) -> HybridCache:
+        """A cache for `batch_size` rows; keys and values in `kv_dtype` (default: the model's dtype)."""
         p = self.embed_tokens.weight
-        return HybridCache(self.config, batch_size, capacity, device=p.device, dtype=p.dtype)
+        return HybridCache(
+            self.config, batch_size, capacity, device=p.device, dtype=p.dtype, kv_dtype=kv_dtype
+        )
 
     def compile_decode(self, mode: str | None = None) -> None:
         """Compile each Mamba block's one-token step with torch.compile (opt-in, for generation).

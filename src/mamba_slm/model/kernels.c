@@ -7,6 +7,7 @@
  * wider projection are read with their row stride (`*_ld`), outputs are contiguous.
  */
 #include <math.h>
+#include <stdint.h>
 #include <omp.h>
 #include <stdlib.h>
 #include <string.h>
@@ -451,58 +452,115 @@ void mamba2_step(const float *zxbcdt, long zx_ld, float *conv_state, const float
 
 #define KEYS 64 /* keys per block of the online softmax */
 
+/* The KV cache's element types: fp32, or 16 bits to halve what long contexts read. bf16 is the
+ * upper half of an fp32 (rounded to nearest even, as PyTorch rounds); fp16 needs the compiler's
+ * _Float16 (gcc 12+ on x86-64). */
+enum { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2 };
+static inline float bf16_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+static inline uint16_t f32_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+#ifdef __FLT16_MAX__
+#define HAVE_F16 1
+#else
+#define HAVE_F16 0
+typedef uint16_t _Float16; /* never read: kv_type KV_F16 is refused without compiler support */
+#endif
+#define LOAD_F32(p) (p)
+#define LOAD_BF16(p) bf16_f32(p)
+#define LOAD_F16(p) ((float)(p))
+
+/* One (row, head): softmax(scale * K q) V over T keys in one pass over blocks of keys with an
+ * online softmax (the running max and sum rescale what is accumulated so far), so each block's
+ * keys and values are read together: two memory streams per thread, not one at a time. Slots
+ * that `ok` marks 0 (padding) are skipped; at least one must be real. s: KEYS floats. */
+#define ATTEND_HEAD(NAME, T, LOAD)                                                                     \
+    static void NAME(const float *restrict qv, const T *kb, long k_ts, const T *vb, long v_ts,       \
+                     const unsigned char *ok, float *restrict s, float *restrict o, long Tn, long D,  \
+                     float scale) {                                                                  \
+        float m = 0.0f, sum = 0.0f; /* no infinity under -ffast-math: m is set by a first key */      \
+        int started = 0;                                                                             \
+        memset(o, 0, D * sizeof(float));                                                             \
+        for (long t0 = 0; t0 < Tn; t0 += KEYS) {                                                     \
+            long n = Tn - t0 < KEYS ? Tn - t0 : KEYS;                                                \
+            float bm = 0.0f;                                                                         \
+            int any = 0;                                                                             \
+            for (long t = 0; t < n; t++) {                                                           \
+                if (ok && !ok[t0 + t]) continue;                                                     \
+                const T *restrict kr = kb + (t0 + t) * k_ts;                                         \
+                float acc = 0.0f;                                                                    \
+                for (long d = 0; d < D; d++) acc += LOAD(kr[d]) * qv[d];                             \
+                s[t] = acc * scale;                                                                  \
+                bm = any ? fmaxf(bm, s[t]) : s[t];                                                   \
+                any = 1;                                                                             \
+            }                                                                                        \
+            if (!any) continue;                                                                      \
+            if (!started || bm > m) {                                                                \
+                float c = started ? expf(m - bm) : 1.0f;                                             \
+                for (long d = 0; d < D; d++) o[d] *= c;                                              \
+                sum *= c;                                                                            \
+                m = bm;                                                                              \
+                started = 1;                                                                         \
+            }                                                                                        \
+            for (long t = 0; t < n; t++) {                                                           \
+                s[t] = ok && !ok[t0 + t] ? 0.0f : expf(s[t] - m);                                    \
+                sum += s[t];                                                                         \
+            }                                                                                        \
+            for (long t = 0; t < n; t++) {                                                           \
+                if (ok && !ok[t0 + t]) continue;                                                     \
+                const T *restrict vt = vb + (t0 + t) * v_ts;                                         \
+                float w = s[t];                                                                      \
+                for (long d = 0; d < D; d++) o[d] += w * LOAD(vt[d]);                                \
+            }                                                                                        \
+        }                                                                                            \
+        for (long d = 0; d < D; d++) o[d] /= sum;                                                    \
+    }
+ATTEND_HEAD(attend_head_f32, float, LOAD_F32)
+ATTEND_HEAD(attend_head_bf16, uint16_t, LOAD_BF16)
+ATTEND_HEAD(attend_head_f16, _Float16, LOAD_F16)
+
 /* out[b, h] = softmax(scale * K[b, kv] q[b, h]) V[b, kv] over T cached keys, kv = h / (H / Hkv),
- * for every (row, head) in parallel. One pass over blocks of keys with an online softmax (the
- * running max and sum rescale what is accumulated so far), so each block's keys and values are
- * read together: two memory streams per thread instead of one at a time, which is what long
- * contexts are bound by. Strides are in floats (batch, head, token); the last dimension D is
- * contiguous. valid (B x valid_ld bytes, or NULL: all) marks the slots that hold real tokens, so
- * a left-padded row never attends to its padding; each row needs at least one. scratch holds
- * KEYS floats per (row, head). */
-void attend_one(const float *q, long q_bs, long q_hs, const float *k, long k_bs, long k_hs, long k_ts,
-                const float *v, long v_bs, long v_hs, long v_ts, const unsigned char *valid, long valid_ld,
-                float *out, float *scratch, long B, long H, long Hkv, long T, long D, float scale, int nt) {
+ * for every (row, head) in parallel. k and v hold kv_type elements; their strides are in
+ * elements (batch, head, token), the last dimension D is contiguous. valid (B x valid_ld bytes,
+ * or NULL: all) marks the slots that hold real tokens, so a left-padded row never attends to its
+ * padding. scratch holds KEYS floats per (row, head). */
+void attend_one(const float *q, long q_bs, long q_hs, const void *k, long k_bs, long k_hs, long k_ts,
+                const void *v, long v_bs, long v_hs, long v_ts, int kv_type, const unsigned char *valid,
+                long valid_ld, float *out, float *scratch, long B, long H, long Hkv, long T, long D,
+                float scale, int nt) {
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (long bh = 0; bh < B * H; bh++) {
         long b = bh / H, h = bh % H, kv = h / (H / Hkv);
-        const float *restrict qv = q + b * q_bs + h * q_hs;
-        const float *kb = k + b * k_bs + kv * k_hs, *vb = v + b * v_bs + kv * v_hs;
+        long ko = b * k_bs + kv * k_hs, vo = b * v_bs + kv * v_hs;
+        const float *qv = q + b * q_bs + h * q_hs;
         const unsigned char *ok = valid ? valid + b * valid_ld : NULL;
-        float *restrict s = scratch + bh * KEYS, *restrict o = out + bh * D;
-        float m = 0.0f, sum = 0.0f; /* no infinity constants under -ffast-math: m is set by a first key */
-        int started = 0;
-        memset(o, 0, D * sizeof(float));
-        for (long t0 = 0; t0 < T; t0 += KEYS) {
-            long n = T - t0 < KEYS ? T - t0 : KEYS;
-            float bm = 0.0f;
-            int any = 0;
-            for (long t = 0; t < n; t++) {
-                if (ok && !ok[t0 + t]) continue;
-                s[t] = dot1(kb + (t0 + t) * k_ts, qv, D) * scale;
-                bm = any ? fmaxf(bm, s[t]) : s[t];
-                any = 1;
-            }
-            if (!any) continue;
-            if (!started || bm > m) {
-                float c = started ? expf(m - bm) : 1.0f;
-                for (long d = 0; d < D; d++) o[d] *= c;
-                sum *= c;
-                m = bm;
-                started = 1;
-            }
-            for (long t = 0; t < n; t++) {
-                s[t] = ok && !ok[t0 + t] ? 0.0f : expf(s[t] - m);
-                sum += s[t];
-            }
-            for (long t = 0; t < n; t++) {
-                if (ok && !ok[t0 + t]) continue;
-                const float *restrict vt = vb + (t0 + t) * v_ts;
-                float w = s[t];
-                for (long d = 0; d < D; d++) o[d] += w * vt[d];
-            }
-        }
-        for (long d = 0; d < D; d++) o[d] /= sum;
+        float *s = scratch + bh * KEYS, *o = out + bh * D;
+        if (kv_type == KV_BF16)
+            attend_head_bf16(qv, (const uint16_t *)k + ko, k_ts, (const uint16_t *)v + vo, v_ts, ok, s, o, T, D,
+                             scale);
+        else if (kv_type == KV_F16)
+            attend_head_f16(qv, (const _Float16 *)k + ko, k_ts, (const _Float16 *)v + vo, v_ts, ok, s, o, T, D,
+                            scale);
+        else
+            attend_head_f32(qv, (const float *)k + ko, k_ts, (const float *)v + vo, v_ts, ok, s, o, T, D, scale);
     }
+}
+
+/* Writes n floats into a KV cache slot of kv_type elements. */
+static void store_kv(void *dst, const float *src, long n, int kv_type) {
+    if (kv_type == KV_BF16)
+        for (long i = 0; i < n; i++) ((uint16_t *)dst)[i] = f32_bf16(src[i]);
+    else if (kv_type == KV_F16)
+        for (long i = 0; i < n; i++) ((_Float16 *)dst)[i] = (_Float16)src[i];
+    else
+        memcpy(dst, src, n * sizeof(float));
 }
 
 /* ------------------------------------------------------------------ MLP block (decode) */
@@ -540,8 +598,8 @@ typedef struct {
     float gnorm_eps;
     /* attention: RoPE'd keys and values are written at slot `slot` of the caches (R x Hkv x cap x hd) */
     const float *w_k, *b_k, *w_v, *b_v;
-    float *k_cache, *v_cache;
-    long heads, kv_heads, head_dim, capacity;
+    void *k_cache, *v_cache; /* kv_type elements */
+    long heads, kv_heads, head_dim, capacity, kv_type;
     /* MLP (w_gate NULL: none) */
     const float *mlp_norm_w;
     float mlp_eps;
@@ -567,12 +625,14 @@ static void rope_rows(float *t, long R, long ld, long heads, long hd, const floa
  * (pre-norm mixer, residual, pre-norm SwiGLU MLP, residual), in place. One call instead of ~70
  * Python-level calls per step, and no gaps in which the weight stream goes cold. cos/sin (R x hd)
  * rotate the attention layers' queries and keys; `slot` is the cache slot of this token, so the
- * attention reads slot + 1 keys, those that `valid` (R x valid_ld bytes, or NULL) marks real. Returns 0 (x untouched) when scratch cannot be allocated. */
+ * attention reads slot + 1 keys, those that `valid` (R x valid_ld bytes, or NULL) marks real.
+ * Returns 0 (x untouched) when scratch cannot be allocated or a layer's KV type is unsupported. */
 int hybrid_step(const StepLayer *layers, long n_layers, float *x, long R, long D, const float *cos,
                 const float *sin, const unsigned char *valid, long valid_ld, long slot, int nt) {
     long wide = D, conv = 0, inter = 0, heads = 0, mix = 0;
     for (long i = 0; i < n_layers; i++) {
         const StepLayer *L = &layers[i];
+        if (L->kind == 1 && L->kv_type == KV_F16 && !HAVE_F16) return 0;
         wide = L->n_in > wide ? L->n_in : wide;
         mix = L->n_mix > mix ? L->n_mix : mix;
         inter = L->inter > inter ? L->inter : inter;
@@ -605,14 +665,15 @@ int hybrid_step(const StepLayer *layers, long n_layers, float *x, long R, long D
                 rope_rows(q, R, q_w, L->heads, hd, cos, sin);
                 rope_rows(k, R, kv_w, L->kv_heads, hd, cos, sin);
             }
+            size_t elem = L->kv_type == KV_F32 ? sizeof(float) : sizeof(uint16_t);
             for (long r = 0; r < R; r++)
                 for (long h = 0; h < L->kv_heads; h++) {
-                    size_t at = ((size_t)(r * L->kv_heads + h) * cap + slot) * hd;
-                    memcpy(L->k_cache + at, k + r * kv_w + h * hd, hd * sizeof(float));
-                    memcpy(L->v_cache + at, v + r * kv_w + h * hd, hd * sizeof(float));
+                    size_t at = (((size_t)(r * L->kv_heads + h) * cap + slot) * hd) * elem;
+                    store_kv((char *)L->k_cache + at, k + r * kv_w + h * hd, hd, L->kv_type);
+                    store_kv((char *)L->v_cache + at, v + r * kv_w + h * hd, hd, L->kv_type);
                 }
             attend_one(q, q_w, hd, L->k_cache, L->kv_heads * cap * hd, cap * hd, hd, L->v_cache,
-                       L->kv_heads * cap * hd, cap * hd, hd, valid, valid_ld, y, scores, R, L->heads, L->kv_heads, T, hd,
+                       L->kv_heads * cap * hd, cap * hd, hd, L->kv_type, valid, valid_ld, y, scores, R, L->heads, L->kv_heads, T, hd,
                        1.0f / sqrtf((float)hd), R * L->heads > 1 ? nt : 1);
         }
         linear_rows(y, L->n_mix, L->w_out, L->b_out, delta, R, D, L->n_mix, nt);

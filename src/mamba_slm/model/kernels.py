@@ -53,7 +53,31 @@ _SIGNATURES = {
     "softmax_xent": [_P, _L, _L, _P, _P, _P, _I],
     "linear_rows": [_P, _L, _P, _P, _P, _L, _L, _L, _I],
     "mamba2_step": [_P, _L, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P] + [_L] * 8 + [_F, _I],
-    "attend_one": [_P, _L, _L, _P, _L, _L, _L, _P, _L, _L, _L, _P, _L, _P, _P, _L, _L, _L, _L, _L, _F, _I],
+    "attend_one": [
+        _P,
+        _L,
+        _L,
+        _P,
+        _L,
+        _L,
+        _L,
+        _P,
+        _L,
+        _L,
+        _L,
+        _I,
+        _P,
+        _L,
+        _P,
+        _P,
+        _L,
+        _L,
+        _L,
+        _L,
+        _L,
+        _F,
+        _I,
+    ],
     "mlp_rows": [_P, _P, _F, _P, _P, _P, _P, _P, _P, _P, _L, _L, _L, _I],
     "hybrid_step": [_P, _L, _P, _L, _L, _P, _P, _P, _L, _L, _I],
 }
@@ -377,12 +401,14 @@ def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 ATTEND_KEYS = 64  # KEYS in kernels.c: the keys per block of attend_one's online softmax
+KV_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # KV_F32, KV_BF16, KV_F16 in kernels.c
 
 
 def attend_one(q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None = None) -> Tensor:
     """Attention of one query per head over the cached keys (a decode step): all of them, or
     those that `valid` (b, >= T) bool marks real (each row needs one).
-    q: (b, h, 1, d); k, v: (b, h_kv, T, d) views of the cache. Returns (b, 1, h * d)."""
+    q: (b, h, 1, d) fp32; k, v: (b, h_kv, T, d) views of the cache, fp32, bf16 or fp16.
+    Returns (b, 1, h * d) fp32."""
     b, h, _, d = q.shape
     hkv, t = k.shape[1], k.shape[2]
     out = torch.empty(b, 1, h * d, dtype=q.dtype)
@@ -391,7 +417,8 @@ def attend_one(q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None = None) -> 
         valid = valid.to(torch.bool).contiguous()
     library().attend_one(
         q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
-        v.data_ptr(), v.stride(0), v.stride(1), v.stride(2), _ptr(valid), valid.shape[1] if valid is not None else 0,
+        v.data_ptr(), v.stride(0), v.stride(1), v.stride(2), KV_TYPES[k.dtype], _ptr(valid),
+        valid.shape[1] if valid is not None else 0,
         out.data_ptr(), scratch.data_ptr(),
         b, h, hkv, t, d, d**-0.5, torch.get_num_threads() if b * h > 1 else 1,
     )  # fmt: skip
