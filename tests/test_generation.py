@@ -55,7 +55,7 @@ def test_left_padded_sampled_batch_gives_each_prompt_its_own_tokens():
         assert completion.tokens == Engine(model).generate([prompt], cfg)[0].tokens
 
 
-def test_a_16_bit_kv_cache_halves_the_cache_and_keeps_greedy_close(monkeypatch):
+def test_a_bf16_kv_cache_halves_the_cache_and_keeps_greedy_close(monkeypatch):
     model = tiny()
     caches = []
     allocate = model.allocate_cache

@@ -213,9 +213,9 @@ def test_one_query_attention_skips_padding_slots():
     torch.testing.assert_close(got, want.transpose(1, 2).reshape(2, 1, 64), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_one_query_attention_reads_a_16_bit_cache(dtype):
+def test_one_query_attention_reads_a_bf16_cache():
     torch.manual_seed(12)
+    dtype = torch.bfloat16
     t = kernels.ATTEND_KEYS + 9
     k, v = torch.randn(2, 2, t, 16).to(dtype), torch.randn(2, 2, t, 16).to(dtype)
     q = torch.randn(2, 1, 4, 16).transpose(1, 2)

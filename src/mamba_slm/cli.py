@@ -196,9 +196,9 @@ def add_generation_args(p: argparse.ArgumentParser, temperature: float, max_new_
 def add_kv_cache_dtype(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--kv-cache-dtype",
-        choices=("float32", "bfloat16", "float16"),
+        choices=("float32", "bfloat16"),
         help="the attention layers' cached keys and values (default: the model's dtype); "
-        "16 bits halve their memory and what long contexts read per token",
+        "bfloat16 halves their memory and what long contexts read per token",
     )
 
 

@@ -216,7 +216,8 @@ class Engine:
         kv_cache_dtype: torch.dtype | None = None,
     ) -> None:
         """kv_cache_dtype: the attention layers' cached keys and values (default: the model's dtype);
-        bf16 or fp16 halve what a long context stores and reads per step, at 16-bit precision."""
+        bf16 halves what a long context stores and reads per step, at bf16 precision (on a CPU the
+        one-call decode step reads fp32 and bf16 caches; other dtypes take the module path)."""
         self.model = model  # in eval mode while it generates, its own mode restored after (_evaluating)
         self.kv_cache_dtype = kv_cache_dtype
         if compile:  # opt-in: a compiled decode step per Mamba block (HybridLM.compile_decode)
@@ -466,7 +467,7 @@ def config_from(base: GenerationConfig, **changes) -> GenerationConfig:
     return replace(base, **{k: v for k, v in changes.items() if v is not None and k in known})
 
 
-KV_CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+KV_CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def load_engine(

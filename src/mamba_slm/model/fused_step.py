@@ -140,7 +140,7 @@ def build_plan(model: nn.Module) -> StepPlan | None:
 def _bind_states(plan: StepPlan, cache: HybridCache) -> bool:
     """Point the plan at the cache's current state tensors (they change on row reordering and
     KV growth); False if one is not contiguous, or of a type the C step does not read (Mamba
-    states: fp32; keys and values: fp32, bf16 or fp16)."""
+    states: fp32; keys and values: fp32 or bf16)."""
     states = [(s.conv, s.ssm) if isinstance(s, MambaState) else (s.k, s.v) for s in cache.layers]
     if len(states) == len(plan.states) and all(
         a is c and b is d for (a, b), (c, d) in zip(states, plan.states, strict=True)

@@ -452,10 +452,10 @@ void mamba2_step(const float *zxbcdt, long zx_ld, float *conv_state, const float
 
 #define KEYS 64 /* keys per block of the online softmax */
 
-/* The KV cache's element types: fp32, or 16 bits to halve what long contexts read. bf16 is the
- * upper half of an fp32 (rounded to nearest even, as PyTorch rounds); fp16 needs the compiler's
- * _Float16 (gcc 12+ on x86-64). */
-enum { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2 };
+/* The KV cache's element types: fp32, or bf16 to halve what long contexts read. A bf16 is the
+ * upper half of an fp32 (rounded to nearest even, as PyTorch rounds), so converting it back
+ * vectorizes as a widening shift; gcc 12 leaves fp16 conversions scalar, hence no fp16 here. */
+enum { KV_F32 = 0, KV_BF16 = 1 };
 static inline float bf16_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
     float f;
@@ -467,15 +467,8 @@ static inline uint16_t f32_bf16(float f) {
     memcpy(&u, &f, sizeof u);
     return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
-#ifdef __FLT16_MAX__
-#define HAVE_F16 1
-#else
-#define HAVE_F16 0
-typedef uint16_t _Float16; /* never read: kv_type KV_F16 is refused without compiler support */
-#endif
 #define LOAD_F32(p) (p)
 #define LOAD_BF16(p) bf16_f32(p)
-#define LOAD_F16(p) ((float)(p))
 
 /* One (row, head): softmax(scale * K q) V over T keys in one pass over blocks of keys with an
  * online softmax (the running max and sum rescale what is accumulated so far), so each block's
@@ -524,7 +517,6 @@ typedef uint16_t _Float16; /* never read: kv_type KV_F16 is refused without comp
     }
 ATTEND_HEAD(attend_head_f32, float, LOAD_F32)
 ATTEND_HEAD(attend_head_bf16, uint16_t, LOAD_BF16)
-ATTEND_HEAD(attend_head_f16, _Float16, LOAD_F16)
 
 /* out[b, h] = softmax(scale * K[b, kv] q[b, h]) V[b, kv] over T cached keys, kv = h / (H / Hkv),
  * for every (row, head) in parallel. k and v hold kv_type elements; their strides are in
@@ -545,9 +537,6 @@ void attend_one(const float *q, long q_bs, long q_hs, const void *k, long k_bs, 
         if (kv_type == KV_BF16)
             attend_head_bf16(qv, (const uint16_t *)k + ko, k_ts, (const uint16_t *)v + vo, v_ts, ok, s, o, T, D,
                              scale);
-        else if (kv_type == KV_F16)
-            attend_head_f16(qv, (const _Float16 *)k + ko, k_ts, (const _Float16 *)v + vo, v_ts, ok, s, o, T, D,
-                            scale);
         else
             attend_head_f32(qv, (const float *)k + ko, k_ts, (const float *)v + vo, v_ts, ok, s, o, T, D, scale);
     }
@@ -557,8 +546,6 @@ void attend_one(const float *q, long q_bs, long q_hs, const void *k, long k_bs, 
 static void store_kv(void *dst, const float *src, long n, int kv_type) {
     if (kv_type == KV_BF16)
         for (long i = 0; i < n; i++) ((uint16_t *)dst)[i] = f32_bf16(src[i]);
-    else if (kv_type == KV_F16)
-        for (long i = 0; i < n; i++) ((_Float16 *)dst)[i] = (_Float16)src[i];
     else
         memcpy(dst, src, n * sizeof(float));
 }
@@ -626,13 +613,12 @@ static void rope_rows(float *t, long R, long ld, long heads, long hd, const floa
  * Python-level calls per step, and no gaps in which the weight stream goes cold. cos/sin (R x hd)
  * rotate the attention layers' queries and keys; `slot` is the cache slot of this token, so the
  * attention reads slot + 1 keys, those that `valid` (R x valid_ld bytes, or NULL) marks real.
- * Returns 0 (x untouched) when scratch cannot be allocated or a layer's KV type is unsupported. */
+ * Returns 0 (x untouched) when scratch cannot be allocated. */
 int hybrid_step(const StepLayer *layers, long n_layers, float *x, long R, long D, const float *cos,
                 const float *sin, const unsigned char *valid, long valid_ld, long slot, int nt) {
     long wide = D, conv = 0, inter = 0, heads = 0, mix = 0;
     for (long i = 0; i < n_layers; i++) {
         const StepLayer *L = &layers[i];
-        if (L->kind == 1 && L->kv_type == KV_F16 && !HAVE_F16) return 0;
         wide = L->n_in > wide ? L->n_in : wide;
         mix = L->n_mix > mix ? L->n_mix : mix;
         inter = L->inter > inter ? L->inter : inter;

@@ -401,13 +401,13 @@ def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 ATTEND_KEYS = 64  # KEYS in kernels.c: the keys per block of attend_one's online softmax
-KV_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # KV_F32, KV_BF16, KV_F16 in kernels.c
+KV_TYPES = {torch.float32: 0, torch.bfloat16: 1}  # KV_F32, KV_BF16 in kernels.c
 
 
 def attend_one(q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None = None) -> Tensor:
     """Attention of one query per head over the cached keys (a decode step): all of them, or
     those that `valid` (b, >= T) bool marks real (each row needs one).
-    q: (b, h, 1, d) fp32; k, v: (b, h_kv, T, d) views of the cache, fp32, bf16 or fp16.
+    q: (b, h, 1, d) fp32; k, v: (b, h_kv, T, d) views of the cache, fp32 or bf16.
     Returns (b, 1, h * d) fp32."""
     b, h, _, d = q.shape
     hkv, t = k.shape[1], k.shape[2]
