@@ -9,9 +9,10 @@ Models: the ~30M benchmark size of benchmarks/model_speed.py (vocab 8192, d_mode
   * our model through transformers' `generate` (`hf.py`, the very same weights);
   * HF `LlamaForCausalLM` `generate` at the same size;
   * HF `Mamba2ForCausalLM` `generate` at the same size (a pure state-space peer);
-and, for our engine, per-token latency at context positions 128 / 1k / 4k, decode throughput at
-batch 1 / 4 / 16, and the memory-bandwidth bound of batch-1 decode (weight bytes read per token
-over this machine's measured read bandwidth). Rounds are interleaved and the best round kept.
+and, for our engine, per-token latency at context positions 128 / 1k / 4k (also with a bf16 KV
+cache), decode throughput at batch 1 / 4 / 16, and the memory-bandwidth bound of batch-1 decode
+(weight bytes read per token over this machine's measured read bandwidth). Rounds are
+interleaved and the best round kept.
 """
 
 from __future__ import annotations
@@ -126,13 +127,15 @@ def main() -> None:
             figures[("batch", b)] = decode_seconds_per_step(eng, random_prompt(eng, 32, b), 32, 2) / b
         return figures
 
-    best: dict[str, dict] = {"eager": {}, "compiled": {}}
+    bf16_kv = Engine(ours, kv_cache_dtype=torch.bfloat16)  # the same model, keys and values in bf16
+    best: dict[str, dict] = {"eager": {}, "compiled": {}, "bf16_kv": {}}
     bandwidth = 0.0  # the best of the rounds too, like the step times it is compared with
     for _ in range(args.rounds):
         bandwidth = max(bandwidth, read_bandwidth_gbs())
         for label, eng, positions, batches in (
             ("eager", engine, (128, 1024, 4096), (1, 4, 16)),
             ("compiled", compiled, (128, 4096), (1, 16)),
+            ("bf16_kv", bf16_kv, (128, 4096), ()),
         ):
             for key, sec in decode_figures(eng, positions, batches).items():
                 best[label][key] = min(best[label].get(key, float("inf")), sec)
@@ -140,6 +143,7 @@ def main() -> None:
     batch = {b: 1 / best["eager"][("batch", b)] for b in (1, 4, 16)}
     compiled_latency = {pos: best["compiled"][("latency", pos)] for pos in (128, 4096)}
     compiled_batch = {b: 1 / best["compiled"][("batch", b)] for b in (1, 16)}
+    bf16_latency = {pos: best["bf16_kv"][("latency", pos)] for pos in (128, 4096)}
     wbytes = weight_bytes_per_token(ours)
     kv = {pos: kv_bytes_per_token(ours, pos) for pos in (128, 4096)}
     floor = (wbytes + kv[4096]) / (wbytes + kv[128])  # the 4k/128 ratio if both steps ran at the bound
@@ -168,6 +172,8 @@ def main() -> None:
         f"| compiled: {1000 * compiled_latency[128]:.2f} ms / - / {1000 * compiled_latency[4096]:.2f} ms | "
         f"{compiled_latency[4096] / compiled_latency[128]:.2f}x | {compiled_batch[1]:.0f} / - / {compiled_batch[16]:.0f} | "
         f"{compiled_batch[16] / compiled_batch[1]:.2f}x |",
+        f"| bf16 KV cache (`--kv-cache-dtype bfloat16`): {1000 * bf16_latency[128]:.2f} ms / - / "
+        f"{1000 * bf16_latency[4096]:.2f} ms | {bf16_latency[4096] / bf16_latency[128]:.2f}x | - | - |",
         "",
         f"Memory-bandwidth bound of batch-1 decode: {wbytes / 1e6:.1f} MB of weights read per token / "
         f"{bandwidth:.1f} GB/s measured read bandwidth = {bound:.0f} tokens/s ({1000 / bound:.2f} ms/token); "
