@@ -534,11 +534,13 @@ void attend_one(const float *q, long q_bs, long q_hs, const void *k, long k_bs, 
         const float *qv = q + b * q_bs + h * q_hs;
         const unsigned char *ok = valid ? valid + b * valid_ld : NULL;
         float *s = scratch + bh * KEYS, *o = out + bh * D;
-        if (kv_type == KV_BF16)
-            attend_head_bf16(qv, (const uint16_t *)k + ko, k_ts, (const uint16_t *)v + vo, v_ts, ok, s, o, T, D,
-                             scale);
-        else
-            attend_head_f32(qv, (const float *)k + ko, k_ts, (const float *)v + vo, v_ts, ok, s, o, T, D, scale);
+        if (kv_type == KV_BF16) {
+            const uint16_t *kh = (const uint16_t *)k + ko, *vh = (const uint16_t *)v + vo;
+            attend_head_bf16(qv, kh, k_ts, vh, v_ts, ok, s, o, T, D, scale);
+        } else {
+            const float *kf = (const float *)k + ko, *vf = (const float *)v + vo;
+            attend_head_f32(qv, kf, k_ts, vf, v_ts, ok, s, o, T, D, scale);
+        }
     }
 }
 
@@ -638,9 +640,9 @@ int hybrid_step(const StepLayer *layers, long n_layers, float *x, long R, long D
         rms_norm_fwd(x, D, L->norm_w, normed, R, D, L->norm_eps, 1);
         if (L->kind == 0) {
             linear_rows(normed, D, L->w_in, L->b_in, in, R, L->n_in, D, nt);
-            mamba2_step_taps(in, L->n_in, L->conv_state, L->conv_wT, L->conv_b, L->dt_bias, L->A_log, L->D, L->ssm,
-                        L->gnorm_w, y, scratch, R, L->n_mix, L->H, L->P, L->G, L->N, L->K, L->gnorm_groups,
-                        L->gnorm_eps, nt);
+            mamba2_step_taps(in, L->n_in, L->conv_state, L->conv_wT, L->conv_b, L->dt_bias, L->A_log, L->D,
+                             L->ssm, L->gnorm_w, y, scratch, R, L->n_mix, L->H, L->P, L->G, L->N, L->K,
+                             L->gnorm_groups, L->gnorm_eps, nt);
         } else {
             long hd = L->head_dim, q_w = L->heads * hd, kv_w = L->kv_heads * hd, cap = L->capacity;
             float *q = in, *k = q + R * q_w, *v = k + R * kv_w;
@@ -659,8 +661,8 @@ int hybrid_step(const StepLayer *layers, long n_layers, float *x, long R, long D
                     store_kv((char *)L->v_cache + at, v + r * kv_w + h * hd, hd, L->kv_type);
                 }
             attend_one(q, q_w, hd, L->k_cache, L->kv_heads * cap * hd, cap * hd, hd, L->v_cache,
-                       L->kv_heads * cap * hd, cap * hd, hd, L->kv_type, valid, valid_ld, y, scores, R, L->heads, L->kv_heads, T, hd,
-                       1.0f / sqrtf((float)hd), R * L->heads > 1 ? nt : 1);
+                       L->kv_heads * cap * hd, cap * hd, hd, L->kv_type, valid, valid_ld, y, scores, R,
+                       L->heads, L->kv_heads, T, hd, 1.0f / sqrtf((float)hd), R * L->heads > 1 ? nt : 1);
         }
         linear_rows(y, L->n_mix, L->w_out, L->b_out, delta, R, D, L->n_mix, nt);
         for (long j = 0; j < R * D; j++) x[j] += delta[j];
