@@ -69,6 +69,9 @@ def test_a_bf16_kv_cache_halves_the_cache_and_keeps_greedy_close(monkeypatch):
     assert (kv[0].dtype, kv[1].dtype) == (torch.float32, torch.bfloat16)
     assert kv[1].untyped_storage().nbytes() * 2 == kv[0].untyped_storage().nbytes()
     assert len(half) == 8 and half[:4] == full[:4]  # rounding may flip a near tie later, not at once
+    for bad in (torch.int8, "bfloat16"):
+        with pytest.raises(GenerationError, match="kv_cache_dtype"):
+            Engine(model, kv_cache_dtype=bad)
 
 
 def test_seeded_sampling_is_reproducible_and_stops_at_eos():

@@ -218,6 +218,12 @@ class Engine:
         """kv_cache_dtype: the attention layers' cached keys and values (default: the model's dtype);
         bf16 halves what a long context stores and reads per step, at bf16 precision (on a CPU the
         one-call decode step reads fp32 and bf16 caches; other dtypes take the module path)."""
+        if kv_cache_dtype is not None and not (
+            isinstance(kv_cache_dtype, torch.dtype) and kv_cache_dtype.is_floating_point
+        ):
+            raise GenerationError(
+                f"kv_cache_dtype: expected a floating-point torch dtype, got {kv_cache_dtype!r}"
+            )
         self.model = model  # in eval mode while it generates, its own mode restored after (_evaluating)
         self.kv_cache_dtype = kv_cache_dtype
         if compile:  # opt-in: a compiled decode step per Mamba block (HybridLM.compile_decode)
