@@ -14,6 +14,7 @@ from mamba_slm.generation import (
     SamplingConfig,
     filter_logits,
     generate,
+    load_engine,
     next_tokens,
 )
 from mamba_slm.tokenizer import train_tokenizer
@@ -72,6 +73,8 @@ def test_a_bf16_kv_cache_halves_the_cache_and_keeps_greedy_close(monkeypatch):
     for bad in (torch.int8, "bfloat16"):
         with pytest.raises(GenerationError, match="kv_cache_dtype"):
             Engine(model, kv_cache_dtype=bad)
+    with pytest.raises(GenerationError, match="--kv-cache-dtype int8"):
+        load_engine("unused-path", kv_cache_dtype="int8")  # refused before the model is read
 
 
 def test_seeded_sampling_is_reproducible_and_stops_at_eos():

@@ -484,6 +484,10 @@ def load_engine(
     kv_cache_dtype: str | None = None,
 ) -> Engine:
     """An engine for a model directory (its tokenizer included), with a LoRA adapter merged in if given."""
+    if kv_cache_dtype and kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise GenerationError(
+            f"--kv-cache-dtype {kv_cache_dtype}: expected one of {', '.join(KV_CACHE_DTYPES)}"
+        )
     from .checkpoint import load_model
     from .tokenizer import load_tokenizer
 
