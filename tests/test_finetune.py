@@ -3,6 +3,8 @@ adapters the HF/PEFT world loads, exact resume, and one-line errors."""
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,6 +15,8 @@ from mamba_slm import HybridLM, ModelConfig
 from mamba_slm.chat_data import render_chat
 from mamba_slm.cli import main
 from mamba_slm.finetune import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
     AdapterTrainer,
     FinetuneArgs,
     FinetuneError,
@@ -22,6 +26,7 @@ from mamba_slm.finetune import (
     run_finetune,
     save_adapter,
 )
+from mamba_slm.generation import GenerationConfig, load_engine
 from mamba_slm.hf import MambaSLMForCausalLM
 from mamba_slm.tokenizer import train_tokenizer
 from mamba_slm.train import TrainArgs, collate_examples
@@ -338,3 +343,27 @@ def test_cli_finetune_and_merge(setup, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "trainable params: " in printed and "trainable%: " in printed and "held-out loss" in printed
     assert HybridLM.from_pretrained(tmp_path / "merged").config.layer_pattern == "MAM"
+
+
+def test_loading_lora_support_prints_nothing():
+    """Importing our fine-tuning module and peft (which pulls in bitsandbytes when installed) leaves
+    stderr empty: no third-party notices on every adapter load."""
+    code = "import mamba_slm.finetune, peft, peft.tuners.lora"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+def test_an_adapter_directory_alone_loads_for_generation(setup, trained, tmp_path):
+    """`generate --model <fine-tune output>` works: the adapter's recorded base is loaded and merged,
+    and the tokenizer comes from the adapter directory, or from the base when it has none."""
+    root, _ = setup
+    out, _ = trained
+    config = GenerationConfig(max_new_tokens=6, temperature=0)
+    want = load_engine(str(root / "base"), str(out)).generate(["Hello there"], config)[0].tokens
+    assert want != load_engine(str(root / "base")).generate(["Hello there"], config)[0].tokens
+    assert load_engine(str(out)).generate(["Hello there"], config)[0].tokens == want
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "mamba_slm_adapter.json"):
+        shutil.copy(out / name, bare / name)
+    assert load_engine(str(bare)).generate(["Hello there"], config)[0].tokens == want

@@ -170,7 +170,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def add_generation_args(p: argparse.ArgumentParser, temperature: float, max_new_tokens: int) -> None:
-    p.add_argument("--model", required=True, help="model directory (weights, config, tokenizer)")
+    p.add_argument("--model", required=True, help="model directory, or a LoRA adapter directory")
     p.add_argument("--adapter", help="a LoRA adapter directory to apply to the model")
     p.add_argument("--max-new-tokens", "--max-length", dest="max_new_tokens", type=int, default=max_new_tokens,
                    help="tokens to generate (--max-length is the seed's name for it)")  # fmt: skip

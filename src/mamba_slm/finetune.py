@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import tempfile
@@ -55,6 +56,12 @@ NOT_TARGETS = {"conv1d", "lm_head", "embed_tokens"}  # their weights are read di
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 ADAPTER_META = "mamba_slm_adapter.json"
 TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+# peft imports bitsandbytes whenever it is installed; on CPUs with AVX512-BF16, bitsandbytes then
+# logs a warning at import that an optional kernels package is missing: one line of noise on every
+# adapter load, about a 4-bit CPU kernel that nothing here asks for.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 class FinetuneError(ValueError):
@@ -208,9 +215,9 @@ def load_model_with_adapter(base_dir_or_model_dir: str | Path, adapter_dir: str 
 
     path = Path(base_dir_or_model_dir)
     if adapter_dir is None:
-        if not ((path / ADAPTER_CONFIG).exists() and not (path / CONFIG_NAME).exists()):
+        if not is_adapter_dir(path):
             return load_model(path)
-        adapter_dir, path = path, _recorded_base(path)
+        adapter_dir, path = path, recorded_base(path)
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / ADAPTER_CONFIG).exists() or not (adapter_dir / ADAPTER_WEIGHTS).exists():
         raise FinetuneError(f"{adapter_dir}: not an adapter directory (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")  # fmt: skip
@@ -231,7 +238,13 @@ def load_model_with_adapter(base_dir_or_model_dir: str | Path, adapter_dir: str 
     return base
 
 
-def _recorded_base(adapter_dir: Path) -> Path:
+def is_adapter_dir(path: str | Path) -> bool:
+    """An adapter directory alone (a fine-tune's output), not a model directory."""
+    return (Path(path) / ADAPTER_CONFIG).exists() and not (Path(path) / CONFIG_NAME).exists()
+
+
+def recorded_base(adapter_dir: Path) -> Path:
+    """The local base model directory an adapter was trained on, as its adapter_config.json says."""
     try:
         base = json.loads((adapter_dir / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
     except (OSError, json.JSONDecodeError) as e:

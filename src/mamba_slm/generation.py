@@ -21,6 +21,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -483,7 +484,8 @@ def load_engine(
     compile: bool = False,
     kv_cache_dtype: str | None = None,
 ) -> Engine:
-    """An engine for a model directory (its tokenizer included), with a LoRA adapter merged in if given."""
+    """An engine for a model directory (its tokenizer included), with a LoRA adapter merged in if given.
+    `path` may also be an adapter directory alone: its recorded base is loaded and the adapter merged."""
     if kv_cache_dtype and kv_cache_dtype not in KV_CACHE_DTYPES:
         raise GenerationError(
             f"--kv-cache-dtype {kv_cache_dtype}: expected one of {', '.join(KV_CACHE_DTYPES)}"
@@ -491,10 +493,13 @@ def load_engine(
     from .checkpoint import load_model
     from .tokenizer import load_tokenizer
 
-    if adapter:
-        from .finetune import load_model_with_adapter
+    tokenizer_dir = Path(path)
+    if adapter or (tokenizer_dir / "adapter_config.json").exists():
+        from .finetune import is_adapter_dir, load_model_with_adapter, recorded_base
 
         model = load_model_with_adapter(path, adapter)
+        if is_adapter_dir(path) and not (tokenizer_dir / "tokenizer_config.json").exists():
+            tokenizer_dir = recorded_base(tokenizer_dir)
     else:
         model = load_model(path)
     if device:
@@ -509,4 +514,4 @@ def load_engine(
                 f"--device {device}: not usable here ({str(e).splitlines()[0][:120]})"
             ) from None
     kv = KV_CACHE_DTYPES[kv_cache_dtype] if kv_cache_dtype else None
-    return Engine(model, load_tokenizer(path), compile=compile, kv_cache_dtype=kv)
+    return Engine(model, load_tokenizer(tokenizer_dir), compile=compile, kv_cache_dtype=kv)
