@@ -6,6 +6,7 @@ import sys
 
 from transformers import AutoTokenizer
 
+from mamba_slm.bench import format_report
 from mamba_slm.cli import main
 
 
@@ -166,3 +167,6 @@ def test_bench_reports_every_measurement(tiny_model_dir):
     assert set(report["latency_ms"]) == {"16", "64"} and set(report["decode_tokens_per_s"]) == {"1", "4"}
     assert report["prefill"]["time_to_first_token_ms"] > 0 and report["peak_memory_mb"] > 0
     assert report["transformers_generate"]["speedup"] > 0
+    assert report["context_length"] == 512 and "beyond" not in format_report(report)
+    text = format_report({**report, "context_length": 32})  # positions past the trained context are flagged
+    assert "64: beyond the model's 32-token context" in text and "16," not in text.split("(")[-1]

@@ -139,7 +139,8 @@ def hf_seed_benchmark(engine: Engine, args: BenchArgs) -> dict:
 def run_bench(engine: Engine, args: BenchArgs) -> dict:
     model = engine.model
     report: dict = {"device": str(engine.device), "threads": torch.get_num_threads(),
-                    "parameters": model.num_parameters(), "settings": asdict(args)}  # fmt: skip
+                    "parameters": model.num_parameters(), "context_length": model.config.max_position_embeddings,
+                    "settings": asdict(args)}  # fmt: skip
     report["seed_benchmark"] = seed_benchmark(engine, args)
     report["prefill"] = prefill(engine, args)
     report["latency_ms"] = {
@@ -170,7 +171,11 @@ def format_report(r: dict) -> str:
     p = r["prefill"]
     lines.append(f"Prefill ({p['tokens']} tokens): {p['tokens_per_s']:.0f} tok/s, "
                  f"time to first token {p['time_to_first_token_ms']:.1f} ms")  # fmt: skip
-    lines.append("Per-token latency: " + ", ".join(f"{k} ctx {v:.2f} ms" for k, v in r["latency_ms"].items()))
+    latency = "Per-token latency: " + ", ".join(f"{k} ctx {v:.2f} ms" for k, v in r["latency_ms"].items())
+    beyond = [k for k in r["latency_ms"] if int(k) > r["context_length"]]
+    if beyond:  # measurable (nothing stops decoding there), but past what the model was trained on
+        latency += f" ({', '.join(beyond)}: beyond the model's {r['context_length']}-token context)"
+    lines.append(latency)
     lines.append("Decode throughput: " + ", ".join(f"batch {k} {v:.0f} tok/s"
                                                    for k, v in r["decode_tokens_per_s"].items()))  # fmt: skip
     if "transformers_generate" in r:
