@@ -1,8 +1,10 @@
 """The command line: the flow users run, and one-line errors with a non-zero exit."""
 
 import json
+import signal
 import subprocess
 import sys
+import time
 
 from transformers import AutoTokenizer
 
@@ -133,6 +135,25 @@ def test_generate_json_prompt_file_and_stream(tiny_model_dir, tmp_path, capsys):
     assert main([*args, "--prompt-file", str(prompts), "--json", "--kv-cache-dtype", "bfloat16"]) == 0
     half = json.loads(capsys.readouterr().out)["completions"]
     assert [len(c["tokens"]) for c in half] == [6, 6]
+
+
+def test_ctrl_c_ends_generate_with_what_was_generated(tiny_model_dir):
+    """The first Ctrl-C stops generating: the text so far and the timing are printed, exit 130."""
+    # greedy never stops on its own on this model
+    argv = ["generate", "--model", str(tiny_model_dir), "--prompt", "To be", "--max-new-tokens", "1000000",
+            "--temperature", "0", "--stream"]  # fmt: skip
+    child = subprocess.Popen([sys.executable, "-m", "mamba_slm", *argv], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert child.stdout.read(5) == "To be"  # the echo: generation has started
+    time.sleep(0.5)
+    child.send_signal(signal.SIGINT)
+    out, err = child.communicate(timeout=60)
+    assert child.returncode == 130, err
+    assert "Tokens: " in out and "Traceback" not in err
+    assert (
+        err.strip().splitlines()[-1]
+        == "mamba-slm: interrupted; the output holds what was generated until then"
+    )
 
 
 def test_generate_and_bench_bad_input_is_one_line(tiny_model_dir, tmp_path):

@@ -6,7 +6,7 @@ import threading
 import pytest
 import torch
 
-from mamba_slm import HybridLM, ModelConfig
+from mamba_slm import HybridLM, ModelConfig, generation
 from mamba_slm.generation import (
     Engine,
     GenerationConfig,
@@ -235,6 +235,30 @@ def test_cancellation_stops_generation():
     cancel.set()
     out = Engine(tiny()).generate([[1, 2]], GenerationConfig(max_new_tokens=50), cancel=cancel)[0]
     assert out.finish_reason == "cancelled" and out.tokens == []
+    beams = Engine(tiny()).generate([[1, 2]], GenerationConfig(max_new_tokens=50, num_beams=3, num_return_sequences=3),
+                                    cancel=cancel)  # fmt: skip
+    assert [(b.finish_reason, len(b.tokens)) for b in beams] == [("cancelled", 1)] * 3  # ends after its step
+
+
+@pytest.mark.parametrize(
+    "setting", [{"temperature": 0}, {"num_beams": 3}, {"penalty_alpha": 0.5, "top_k": 3}]
+)
+def test_a_huge_token_limit_costs_nothing_up_front(setting):
+    """A billion-token limit that a stop token cuts short: the KV buffers start small and grow."""
+    stop_all = tuple(range(256))  # every token stops
+    config = GenerationConfig(max_new_tokens=10**9, stop_token_ids=stop_all, **setting)
+    out = Engine(tiny()).generate([[1, 2, 3]], config)[0]
+    assert len(out.tokens) == 1 and out.finish_reason == "stop"
+
+
+def test_kv_buffers_that_grow_during_generation_give_the_same_tokens(monkeypatch):
+    model = tiny()
+    want = argmax_loop(model, [5, 6, 7], 40)
+    monkeypatch.setattr(generation, "KV_ROOM", 3)  # grows 3 + 3 -> 12 -> 24 -> 48 slots on the way
+    assert (
+        Engine(model).generate([[5, 6, 7]], GenerationConfig(max_new_tokens=40, temperature=0))[0].tokens
+        == want
+    )
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from .generation import Engine, GenerationConfig
+from .generation import Engine, GenerationConfig, sigint_cancels
 
 HELP = "commands: /reset (forget the conversation), /system TEXT, /history, /exit; Ctrl-C stops a reply"
 
@@ -116,15 +116,11 @@ def run_chat(session: ChatSession, read: Callable[[str], str] = input, out: Text
 
 
 def stream_reply(session: ChatSession, line: str, out: TextIO) -> None:
-    cancel = threading.Event()
-    previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())
-    try:
+    with sigint_cancels(second_interrupts=False) as cancel:  # a chat never quits on Ctrl-C
         out.write("bot> ")
         out.flush()
         for delta in session.reply(line, cancel):
             out.write(delta)
             out.flush()
-    finally:
-        signal.signal(signal.SIGINT, previous)
     out.write(" [stopped]\n" if cancel.is_set() else "\n")
     out.flush()

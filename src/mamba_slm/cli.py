@@ -235,24 +235,36 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
-    from .generation import load_engine
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Ctrl-C stops generating and prints what was generated (finish reason "cancelled", exit status
+    130); a second Ctrl-C interrupts at once."""
+    from .generation import load_engine, sigint_cancels
 
     engine = load_engine(args.model, args.adapter, args.device, args.compile, args.kv_cache_dtype)
     prompts = read_prompts(args)
     config = generation_config(engine, args, num_return_sequences=args.num_return_sequences)
+    if args.stream and (len(prompts) > 1 or config.num_return_sequences > 1 or config.num_beams > 1):
+        raise GenerationError("--stream: one prompt and one sequence, without beam search")
     start = time.perf_counter()
-    if args.stream:
-        if len(prompts) > 1 or config.num_return_sequences > 1 or config.num_beams > 1:
-            raise GenerationError("--stream: one prompt and one sequence, without beam search")
-        print(prompts[0], end="", flush=True)
-        for delta in engine.stream(prompts[0], config):
-            print(delta, end="", flush=True)
-        print()
-        completions = [engine.last_completion]
-    else:
-        completions = engine.generate(prompts, config)
-    seconds = time.perf_counter() - start
+    with sigint_cancels() as cancel:
+        if args.stream:
+            print(prompts[0], end="", flush=True)
+            for delta in engine.stream(prompts[0], config, cancel):
+                print(delta, end="", flush=True)
+            print()
+            completions = [engine.last_completion]
+        else:
+            completions = engine.generate(prompts, config, cancel)
+    print_completions(args, prompts, completions, time.perf_counter() - start)
+    if cancel.is_set():
+        print("mamba-slm: interrupted; the output holds what was generated until then", file=sys.stderr)
+        return 130
+    return 0
+
+
+def print_completions(
+    args: argparse.Namespace, prompts: list[str], completions: list, seconds: float
+) -> None:
     tokens = sum(len(c.tokens) for c in completions)
     if args.json:
         results = [{"prompt": prompts[c.prompt_index], "text": c.text, "tokens": c.tokens, "finish_reason": c.finish_reason,
@@ -444,16 +456,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    func: Callable[[argparse.Namespace], None] = args.func
+    func: Callable[[argparse.Namespace], int | None] = args.func
     try:
-        func(args)
+        status = func(args)
     except USER_ERRORS as e:
         print(f"mamba-slm: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mamba-slm: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

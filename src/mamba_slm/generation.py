@@ -17,6 +17,7 @@ tail of the row.
 
 from __future__ import annotations
 
+import signal
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -28,6 +29,8 @@ from torch import Tensor
 
 from .model.hybrid import HybridLM
 from .search import beam_search, contrastive_steps
+
+KV_ROOM = 1024  # new tokens the first KV allocation holds beyond the prompt
 
 
 class GenerationError(ValueError):
@@ -276,7 +279,7 @@ class Engine:
         config = config or self.default_config()
         ids = self.encode(prompts)
         if config.strategy == "beam":
-            return self.beam_search(ids, config)
+            return self.beam_search(ids, config, cancel)
         n = config.num_return_sequences
         collector = _Collector(len(ids) * n, config, self.tokenizer)
         steps = self._steps(ids, config)
@@ -337,8 +340,12 @@ class Engine:
     # ------------------------------------------------------------------ step generators
     def _prefill(self, ids: list[list[int]], config: GenerationConfig, hidden: bool = False):
         tokens, mask = left_pad(ids, self.pad_id, self.device)
+        # Room for the usual reply up front; a longer one grows the KV buffers by doubling. Sizing
+        # them by max_new_tokens alone made a generous limit (or one beam search step, which copies
+        # the buffers) cost memory and time for slots that a stop token leaves unused.
+        room = min(config.max_new_tokens, KV_ROOM)
         cache = self.model.allocate_cache(
-            len(ids), capacity=tokens.shape[1] + config.max_new_tokens, kv_dtype=self.kv_cache_dtype
+            len(ids), capacity=tokens.shape[1] + room, kv_dtype=self.kv_cache_dtype
         )
         keep = 0 if hidden else 1
         out = self.model(tokens, attention_mask=mask, cache=cache, num_logits_to_keep=keep,
@@ -389,20 +396,42 @@ class Engine:
             self.model, logits, cache, hidden, mask, config.top_k, config.penalty_alpha, config.max_new_tokens
         )
 
-    def beam_search(self, ids: list[list[int]], config: GenerationConfig) -> list[Completion]:
+    def beam_search(
+        self, ids: list[list[int]], config: GenerationConfig, cancel: threading.Event | None = None
+    ) -> list[Completion]:
         """Per prompt, its num_return_sequences best beam hypotheses, best first."""
         stop = set(config.stop_ids)
         with _evaluating(self.model):
             logits, cache, _, _, _ = self._prefill(ids, config)
             finished = beam_search(self.model, logits, cache, config.num_beams, config.max_new_tokens, stop,
-                                   config.length_penalty, config.early_stopping, self.pad_id)  # fmt: skip
+                                   config.length_penalty, config.early_stopping, self.pad_id, cancel)  # fmt: skip
+        cut_short = "cancelled" if cancel is not None and cancel.is_set() else "length"
         out = []
         for b, hyps in enumerate(finished):
             for score, seq in sorted(hyps, key=lambda h: -h[0])[: config.num_return_sequences]:
                 text = self.tokenizer.decode(seq, skip_special_tokens=True) if self.tokenizer else None
-                reason = "stop" if seq and seq[-1] in stop else "length"
+                reason = "stop" if seq and seq[-1] in stop else cut_short
                 out.append(Completion(seq, text, reason, b, score, len(ids[b])))
         return out
+
+
+@contextmanager
+def sigint_cancels(second_interrupts: bool = True) -> Iterator[threading.Event]:
+    """Within: Ctrl-C sets the returned event, so generation stops at its next step and keeps what
+    it has, instead of an exception tearing through a forward pass; with `second_interrupts`, a
+    second Ctrl-C raises KeyboardInterrupt as usual. Main thread only (Python's signal rule)."""
+    cancel = threading.Event()
+
+    def on_sigint(signum, frame) -> None:
+        if second_interrupts and cancel.is_set():
+            raise KeyboardInterrupt
+        cancel.set()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield cancel
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @contextmanager

@@ -14,6 +14,7 @@ scored by log-probability sum / generated_length ** length_penalty, as transform
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -70,9 +71,11 @@ def beam_search(
     length_penalty: float = 1.0,
     early_stopping: bool = True,
     pad_id: int = 0,
+    cancel: threading.Event | None = None,
 ) -> list[Hypotheses]:
     """Per prompt, up to num_beams (score, tokens) hypotheses (unsorted). logits: (b, V) after the
-    prompt; the cache holds b prefilled rows and is expanded to b * num_beams."""
+    prompt; the cache holds b prefilled rows and is expanded to b * num_beams. A set `cancel` ends
+    the search after the current step, as running out of steps would."""
     nb, batch, device = num_beams, logits.shape[0], logits.device
     cache.expand_rows(nb)
     logprobs = logits.float().log_softmax(-1).repeat_interleave(nb, 0)  # (b*nb, V)
@@ -113,7 +116,7 @@ def beam_search(
             )
         rows = (torch.arange(batch, device=device)[:, None] * nb + next_beam).reshape(-1)
         tokens = torch.cat([tokens[rows], next_token.reshape(-1, 1)], 1)
-        if all(done) or step + 1 == max_new_tokens:
+        if all(done) or step + 1 == max_new_tokens or (cancel is not None and cancel.is_set()):
             break
         cache.select_rows(rows)
         beam_scores = next_scores
