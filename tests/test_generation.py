@@ -56,6 +56,39 @@ def test_left_padded_sampled_batch_gives_each_prompt_its_own_tokens():
         assert completion.tokens == Engine(model).generate([prompt], cfg)[0].tokens
 
 
+def test_many_prompts_run_in_batches_of_similar_length_and_come_back_in_order(monkeypatch):
+    engine, rng = Engine(tiny()), random.Random(0)
+    prompts = [[rng.randrange(1, 256) for _ in range(rng.randint(1, 30))] for _ in range(21)]
+    greedy = GenerationConfig(max_new_tokens=6, temperature=0, repetition_penalty=1.3)
+    alone = [engine.generate([p], greedy)[0].tokens for p in prompts]
+    batches, run_batch = [], engine._generate_batch
+    monkeypatch.setattr(engine, "_generate_batch", lambda ids, *a: batches.append(ids) or run_batch(ids, *a))
+    engine.generate(prompts, greedy, batch_size=5)
+    lengths = [sorted(len(p) for p in ids) for ids in batches]
+    assert [len(b) for b in lengths] == [5, 5, 5, 5, 1]
+    assert all(a[-1] <= b[0] for a, b in zip(lengths, lengths[1:], strict=False))  # similar lengths together
+    for batch_size in (None, 4):  # None: 16 rows on a CPU, so 2 batches
+        out = engine.generate(prompts, greedy, batch_size=batch_size)
+        assert [c.prompt_index for c in out] == list(range(21))
+        assert [c.tokens for c in out] == alone
+    sampled = GenerationConfig(max_new_tokens=6, num_return_sequences=3, seed=7)
+    assert engine.default_batch_size(sampled, 21) == 5  # 15 rows
+    out = engine.generate(prompts, sampled)
+    assert [c.prompt_index for c in out] == [i for i in range(21) for _ in range(3)]
+    assert [c.tokens for c in out] == [c.tokens for c in engine.generate(prompts, sampled)]  # seeded
+    same = engine.generate([prompts[0]] * 20, GenerationConfig(max_new_tokens=6, seed=7), batch_size=10)
+    assert same[0].tokens != same[10].tokens  # each batch its own seed: equal batches draw different samples
+    beams = engine.generate(prompts[:5], GenerationConfig(max_new_tokens=4, num_beams=3), batch_size=2)
+    assert [c.tokens for c in beams] == [engine.generate([p], GenerationConfig(max_new_tokens=4, num_beams=3))[0].tokens
+                                         for p in prompts[:5]]  # fmt: skip
+    cancel = threading.Event()
+    cancel.set()
+    ended = engine.generate(prompts, sampled, cancel=cancel, batch_size=4)
+    assert len(ended) == 63 and all(c.finish_reason == "cancelled" and c.tokens == [] for c in ended)
+    with pytest.raises(GenerationError, match="batch_size: expected at least 1"):
+        engine.generate(prompts, greedy, batch_size=0)
+
+
 def test_a_bf16_kv_cache_halves_the_cache_and_keeps_greedy_close(monkeypatch):
     model = tiny()
     caches = []

@@ -254,7 +254,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print()
             completions = [engine.last_completion]
         else:
-            completions = engine.generate(prompts, config, cancel)
+            completions = engine.generate(prompts, config, cancel, args.batch_size)
     print_completions(args, prompts, completions, time.perf_counter() - start)
     if cancel.is_set():
         print("mamba-slm: interrupted; the output holds what was generated until then", file=sys.stderr)
@@ -413,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt-file", help='prompts, one per line (or JSONL with a "prompt" field)')
     gen.add_argument("-n", "--num-return-sequences", type=int, default=1, help="samples per prompt")
     gen.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    gen.add_argument(
+        "--batch-size", type=int, help="prompts decoded together (default: 16 rows on a CPU, all on a GPU)"
+    )
     gen.add_argument("--json", action="store_true", help="print one JSON object with every completion")
     gen.set_defaults(func=cmd_generate)
 

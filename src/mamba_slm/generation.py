@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .model.hybrid import HybridLM
+from .model.linear import MAX_ROWS
 from .search import beam_search, contrastive_steps
 
 KV_ROOM = 1024  # new tokens the first KV allocation holds beyond the prompt
@@ -274,10 +275,43 @@ class Engine:
         prompts: Sequence[str] | Sequence[Sequence[int]],
         config: GenerationConfig | None = None,
         cancel: threading.Event | None = None,
+        batch_size: int | None = None,
     ) -> list[Completion]:
-        """Completions for every prompt: num_return_sequences each, prompt by prompt."""
+        """Completions for every prompt: num_return_sequences each, prompt by prompt.
+        batch_size: prompts decoded together; default on a CPU, as many as give 16 rows (the most
+        the one-call decode step takes), elsewhere all of them. Batches group prompts of similar
+        length, so that little of a batch is padding; the order of the results stays the prompts'."""
         config = config or self.default_config()
         ids = self.encode(prompts)
+        if batch_size is not None and batch_size < 1:
+            raise GenerationError(f"batch_size: expected at least 1, got {batch_size}")
+        size = batch_size or self.default_batch_size(config, len(ids))
+        if size >= len(ids):
+            return self._generate_batch(ids, config, cancel)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        out: list[Completion] = []
+        for k, start in enumerate(range(0, len(ids), size)):
+            chunk = order[start : start + size]
+            if cancel is not None and cancel.is_set():  # the rest ends at once, without a prefill
+                empty = "" if self.tokenizer is not None else None
+                out += [Completion([], empty, "cancelled", i, None, len(ids[i]))
+                        for i in chunk for _ in range(config.num_return_sequences)]  # fmt: skip
+                continue
+            # each batch its own seed: equal prompts in two batches do not draw the same samples
+            seeded = config if config.seed is None else replace(config, seed=config.seed + k)
+            for c in self._generate_batch([ids[i] for i in chunk], seeded, cancel):
+                c.prompt_index = chunk[c.prompt_index]
+                out.append(c)
+        return sorted(out, key=lambda c: c.prompt_index)  # stable: each prompt's own order stays
+
+    def default_batch_size(self, config: GenerationConfig, prompts: int) -> int:
+        if self.device.type != "cpu":
+            return prompts
+        return max(1, MAX_ROWS // max(config.num_beams, config.num_return_sequences))
+
+    def _generate_batch(
+        self, ids: list[list[int]], config: GenerationConfig, cancel: threading.Event | None
+    ) -> list[Completion]:
         if config.strategy == "beam":
             return self.beam_search(ids, config, cancel)
         n = config.num_return_sequences
