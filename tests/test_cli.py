@@ -12,8 +12,10 @@ from mamba_slm.bench import format_report
 from mamba_slm.cli import main
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mamba_slm", *args], capture_output=True, text=True)
+def run(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mamba_slm", *args], capture_output=True, text=True, input=input
+    )
 
 
 def test_tokenizer_train_and_data_prepare(tmp_path):
@@ -132,6 +134,10 @@ def test_generate_json_prompt_file_and_stream(tiny_model_dir, tmp_path, capsys):
     assert main([*args, "--prompt", "To be", "--num-beams", "3", "-n", "2", "--json"]) == 0
     beams = json.loads(capsys.readouterr().out)["completions"]
     assert len(beams) == 2 and beams[0]["score"] >= beams[1]["score"]
+    piped = run(*args, "--prompt-file", "-", "--json", input="To be\n\nCafé\n")  # prompts from standard input
+    assert [c["tokens"] for c in json.loads(piped.stdout)["completions"]] == [
+        c["tokens"] for c in out["completions"]
+    ]
     assert main([*args, "--prompt-file", str(prompts), "--json", "--kv-cache-dtype", "bfloat16"]) == 0
     half = json.loads(capsys.readouterr().out)["completions"]
     assert [len(c["tokens"]) for c in half] == [6, 6]
@@ -159,7 +165,10 @@ def test_ctrl_c_ends_generate_with_what_was_generated(tiny_model_dir):
 def test_generate_and_bench_bad_input_is_one_line(tiny_model_dir, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "no prompt field"}\n')
+    not_text = tmp_path / "numbers.jsonl"
+    not_text.write_text('{"prompt": "fine"}\n{"prompt": 5}\n')
     cases = [
+        (["generate", "--model", str(tiny_model_dir), "--prompt-file", str(not_text)], "numbers.jsonl:2"),
         (["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"], "no such model directory"),
         (["generate", "--model", str(tiny_model_dir), "--prompt-file", str(bad)], "bad.jsonl:1"),
         (["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--top-p", "0"], "top_p"),

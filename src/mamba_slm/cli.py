@@ -217,17 +217,18 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     if args.prompt_file:
         path = Path(args.prompt_file)
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            text = sys.stdin.read() if args.prompt_file == "-" else path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise GenerationError(f"{path}: cannot read the prompt file ({e})") from None
-        for n, line in enumerate(lines, 1):
+        for n, line in enumerate(text.splitlines(), 1):
             if path.suffix == ".jsonl" and line.strip():
                 try:
-                    prompts.append(json.loads(line)["prompt"])
+                    prompt = json.loads(line)["prompt"]
                 except (ValueError, KeyError, TypeError):
-                    raise GenerationError(
-                        f'{path}:{n}: expected a JSON object with a "prompt" string'
-                    ) from None
+                    prompt = None
+                if not isinstance(prompt, str):
+                    raise GenerationError(f'{path}:{n}: expected a JSON object with a "prompt" string')
+                prompts.append(prompt)
             elif line.strip():
                 prompts.append(line)
     if not prompts:
@@ -410,7 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="generate text from prompts")
     add_generation_args(gen, temperature=0.8, max_new_tokens=64)
     gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    gen.add_argument("--prompt-file", help='prompts, one per line (or JSONL with a "prompt" field)')
+    gen.add_argument(
+        "--prompt-file", help='prompts, one per line (or JSONL with a "prompt" field); - reads standard input'
+    )
     gen.add_argument("-n", "--num-return-sequences", type=int, default=1, help="samples per prompt")
     gen.add_argument("--stream", action="store_true", help="print the text as it is generated")
     gen.add_argument(
