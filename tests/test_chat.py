@@ -77,6 +77,14 @@ def test_session_renders_the_chat_template_and_trims_old_turns(engine):
     assert session.history[0]["role"] == "user" and "first question" not in text  # the oldest turn went first
 
 
+def test_a_reply_limit_beyond_the_context_keeps_the_question(engine):
+    session = ChatSession(engine, GenerationConfig(max_new_tokens=10**6), context_limit=60)
+    session.history = [{"role": "user", "content": "an old question"}, {"role": "assistant", "content": "ok"},
+                       {"role": "user", "content": "What is the new question?"}]  # fmt: skip
+    text = engine.tokenizer.decode(session.prompt_ids())
+    assert "What is the new question?" in text and len(session.prompt_ids()) <= 30
+
+
 def test_plain_template_continues_the_text(engine):
     session = ChatSession(engine, GenerationConfig(max_new_tokens=4, temperature=0), template="plain")
     reply = "".join(session.reply("To be, or not"))

@@ -57,8 +57,10 @@ class ChatSession:
         return tok.encode(text, add_special_tokens=False)
 
     def prompt_ids(self) -> list[int]:
-        """The rendered conversation, oldest exchanges dropped until it and the reply fit the context."""
-        budget = max(1, self.context_limit - self.config.max_new_tokens)
+        """The rendered conversation, oldest exchanges dropped until it and the reply fit the context.
+        The reply reserves at most half of the context, so a large max_new_tokens does not leave the
+        conversation a token or two."""
+        budget = self.context_limit - min(self.config.max_new_tokens, self.context_limit // 2)
         ids = self.render(self.history)
         while len(ids) > budget and len(self.history) > 1:
             self.history = self.history[2:] if len(self.history) > 2 else self.history[-1:]

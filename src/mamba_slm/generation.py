@@ -12,7 +12,9 @@ Sampling and contrastive search are generators of next-token tensors, consumed b
 of completions) and `stream` (text deltas of one completion) share the loop. Stop tokens are
 kept in `tokens` (as transformers does) and never appear in `text`; stop strings end the text
 before them. The per-step Python work is a few tensor ops; a stop-string check decodes only the
-tail of the row.
+tail of the row. Many prompts run in batches of similar length (on a CPU, 16 rows: the most the
+one-call decode step takes); the key/value buffers start with room for `KV_ROOM` new tokens and
+grow by doubling, so a generous `max_new_tokens` costs nothing until it is used.
 """
 
 from __future__ import annotations
