@@ -417,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-n", "--num-return-sequences", type=int, default=1, help="samples per prompt")
     gen.add_argument("--stream", action="store_true", help="print the text as it is generated")
     gen.add_argument(
-        "--batch-size", type=int, help="prompts decoded together (default: 16 rows on a CPU, all on a GPU)"
+        "--batch-size", type=int, help="prompts decoded together (default: 16 rows on a CPU, 256 on a GPU)"
     )
     gen.add_argument("--json", action="store_true", help="print one JSON object with every completion")
     gen.set_defaults(func=cmd_generate)

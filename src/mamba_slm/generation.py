@@ -34,6 +34,7 @@ from .model.linear import MAX_ROWS
 from .search import beam_search, contrastive_steps
 
 KV_ROOM = 1024  # new tokens the first KV allocation holds beyond the prompt
+GPU_ROWS = 256  # default rows of a batch on a GPU: enough to fill it for small models, bounded memory
 
 
 class GenerationError(ValueError):
@@ -281,7 +282,7 @@ class Engine:
     ) -> list[Completion]:
         """Completions for every prompt: num_return_sequences each, prompt by prompt.
         batch_size: prompts decoded together; default on a CPU, as many as give 16 rows (the most
-        the one-call decode step takes), elsewhere all of them. Batches group prompts of similar
+        the one-call decode step takes), elsewhere as many as give `GPU_ROWS` rows. Batches group prompts of similar
         length, so that little of a batch is padding; the order of the results stays the prompts'."""
         config = config or self.default_config()
         ids = self.encode(prompts)
@@ -307,9 +308,8 @@ class Engine:
         return sorted(out, key=lambda c: c.prompt_index)  # stable: each prompt's own order stays
 
     def default_batch_size(self, config: GenerationConfig, prompts: int) -> int:
-        if self.device.type != "cpu":
-            return prompts
-        return max(1, MAX_ROWS // max(config.num_beams, config.num_return_sequences))
+        rows = MAX_ROWS if self.device.type == "cpu" else GPU_ROWS
+        return max(1, rows // max(config.num_beams, config.num_return_sequences))
 
     def _generate_batch(
         self, ids: list[list[int]], config: GenerationConfig, cancel: threading.Event | None
