@@ -128,6 +128,8 @@ def test_generate_json_prompt_file_and_stream(tiny_model_dir, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert [c["prompt"] for c in out["completions"]] == ["To be", "Café"]
     assert all(len(c["tokens"]) == 6 and c["finish_reason"] == "length" for c in out["completions"])
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert [c["prompt_tokens"] for c in out["completions"]] == [len(tok.encode(p)) for p in ("To be", "Café")]
     assert main([*args, "--prompt", "To be", "--stream"]) == 0
     streamed = capsys.readouterr().out.splitlines()[0]
     assert streamed == "To be" + out["completions"][0]["text"].split("\n")[0]

@@ -269,7 +269,7 @@ def print_completions(
     tokens = sum(len(c.tokens) for c in completions)
     if args.json:
         results = [{"prompt": prompts[c.prompt_index], "text": c.text, "tokens": c.tokens, "finish_reason": c.finish_reason,
-                    "score": c.score} for c in completions]  # fmt: skip
+                    "score": c.score, "prompt_tokens": c.prompt_tokens} for c in completions]  # fmt: skip
         print(json.dumps({"completions": results, "seconds": round(seconds, 4),
                           "tokens_per_second": round(tokens / seconds, 2)}, ensure_ascii=False))  # fmt: skip
         return
