@@ -281,8 +281,8 @@ class Engine:
         batch_size: int | None = None,
     ) -> list[Completion]:
         """Completions for every prompt: num_return_sequences each, prompt by prompt.
-        batch_size: prompts decoded together; default on a CPU, as many as give 16 rows (the most
-        the one-call decode step takes), elsewhere as many as give `GPU_ROWS` rows. Batches group prompts of similar
+        batch_size: prompts decoded together; by default as many as give 16 rows on a CPU (the most
+        the one-call decode step takes), `GPU_ROWS` elsewhere. Batches group prompts of similar
         length, so that little of a batch is padding; the order of the results stays the prompts'."""
         config = config or self.default_config()
         ids = self.encode(prompts)
