@@ -200,5 +200,6 @@ def test_bench_reports_every_measurement(tiny_model_dir):
     assert report["prefill"]["time_to_first_token_ms"] > 0 and report["peak_memory_mb"] > 0
     assert report["transformers_generate"]["speedup"] > 0
     assert report["context_length"] == 512 and "beyond" not in format_report(report)
+    assert "Total tokens: 40\n" in format_report(report)  # the seed's summary lines: 5 prompts x 8 tokens
     text = format_report({**report, "context_length": 32})  # positions past the trained context are flagged
     assert "64: beyond the model's 32-token context" in text and "16," not in text.split("(")[-1]

@@ -167,7 +167,9 @@ def format_report(r: dict) -> str:
                   f"  Time: {run['seconds']:.2f}s, Tokens: {run['tokens']}, Speed: {run['tokens_per_s']:.1f} tok/s", ""]  # fmt: skip
     sb = r["seed_benchmark"]
     lines += ["=" * 60, f"Average Performance: {sb['average_tokens_per_s']:.1f} tokens/second",
-              f"Peak Speed: {sb['peak_tokens_per_s']:.1f} tokens/second", "=" * 60, ""]  # fmt: skip
+              f"Peak Speed: {sb['peak_tokens_per_s']:.1f} tokens/second",
+              f"Total time: {sum(run['seconds'] for run in runs):.2f}s",
+              f"Total tokens: {sum(run['tokens'] for run in runs)}", "=" * 60, ""]  # fmt: skip
     p = r["prefill"]
     lines.append(f"Prefill ({p['tokens']} tokens): {p['tokens_per_s']:.0f} tok/s, "
                  f"time to first token {p['time_to_first_token_ms']:.1f} ms")  # fmt: skip
