@@ -1,6 +1,7 @@
 """The command line: the flow users run, and one-line errors with a non-zero exit."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from transformers import AutoTokenizer
 
 from mamba_slm.bench import format_report
 from mamba_slm.cli import main
+from mamba_slm.generation import load_engine
 
 
 def run(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
@@ -143,6 +145,42 @@ def test_generate_json_prompt_file_and_stream(tiny_model_dir, tmp_path, capsys):
     assert main([*args, "--prompt-file", str(prompts), "--json", "--kv-cache-dtype", "bfloat16"]) == 0
     half = json.loads(capsys.readouterr().out)["completions"]
     assert [len(c["tokens"]) for c in half] == [6, 6]
+
+
+def test_generate_renders_each_prompt_as_a_user_turn_for_a_chat_model(tiny_model_dir, tmp_path, capsys):
+    chat_model = tmp_path / "chat"
+    shutil.copytree(tiny_model_dir, chat_model)
+    (chat_model / "training_args.json").write_text('{"chat": true}')  # what chat fine-tuning writes
+    engine = load_engine(str(tiny_model_dir))
+    tok, config = engine.tokenizer, engine.default_config(max_new_tokens=5, temperature=0)
+
+    def generated(*extra: str) -> dict:
+        argv = [
+            "generate",
+            "--prompt",
+            "Hello there",
+            "--max-new-tokens",
+            "5",
+            "--temperature",
+            "0",
+            "--json",
+        ]
+        assert main([*argv, *extra]) == 0
+        return json.loads(capsys.readouterr().out)["completions"][0]
+
+    turn = tok.apply_chat_template([{"role": "user", "content": "Hello there"}], add_generation_prompt=True,
+                                   tokenize=False)  # fmt: skip
+    ids = tok.encode(turn, add_special_tokens=False)
+    reply = generated("--model", str(chat_model))  # auto: the chat template, as `chat` uses it
+    assert reply["prompt_tokens"] == len(ids) and reply["tokens"] == engine.generate([ids], config)[0].tokens
+    plain = generated("--model", str(chat_model), "--template", "plain")
+    assert plain["tokens"] == engine.generate(["Hello there"], config)[0].tokens
+    assert generated("--model", str(tiny_model_dir))["tokens"] == plain["tokens"]  # not chat-tuned: plain
+    system = generated("--model", str(chat_model), "--system", "Be brief.")
+    with_system = tok.apply_chat_template([{"role": "system", "content": "Be brief."},
+                                           {"role": "user", "content": "Hello there"}],
+                                          add_generation_prompt=True, tokenize=False)  # fmt: skip
+    assert system["prompt_tokens"] == len(tok.encode(with_system, add_special_tokens=False))
 
 
 def test_ctrl_c_ends_generate_with_what_was_generated(tiny_model_dir):

@@ -169,6 +169,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
                       chat_dataset=args.chat_dataset))  # fmt: skip
 
 
+def add_template_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--system", help="system prompt (chat template)")
+    p.add_argument("--template", choices=["auto", "chat", "plain"], default="auto",
+                   help="chat: the tokenizer's chat template; plain: text continuation; auto: chat if chat-tuned")  # fmt: skip
+
+
 def add_generation_args(p: argparse.ArgumentParser, temperature: float, max_new_tokens: int) -> None:
     p.add_argument("--model", required=True, help="model directory, or a LoRA adapter directory")
     p.add_argument("--adapter", help="a LoRA adapter directory to apply to the model")
@@ -239,6 +245,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 def cmd_generate(args: argparse.Namespace) -> int:
     """Ctrl-C stops generating and prints what was generated (finish reason "cancelled", exit status
     130); a second Ctrl-C interrupts at once."""
+    from .chat import ChatSession
     from .generation import load_engine, sigint_cancels
 
     engine = load_engine(args.model, args.adapter, args.device, args.compile, args.kv_cache_dtype)
@@ -246,17 +253,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
     config = generation_config(engine, args, num_return_sequences=args.num_return_sequences)
     if args.stream and (len(prompts) > 1 or config.num_return_sequences > 1 or config.num_beams > 1):
         raise GenerationError("--stream: one prompt and one sequence, without beam search")
+    # Each prompt as chat renders a user turn: through the chat template (the completion is the
+    # reply), or as plain text after the system prompt, if any (the completion continues it).
+    template = template_mode(args, engine)
+    session = ChatSession(engine, config, args.system, template)
+    inputs = [session.render([{"role": "user", "content": p}]) for p in prompts]
+    echo = template == "plain" and not args.system  # the output shows the prompt before its continuation
     start = time.perf_counter()
     with sigint_cancels() as cancel:
         if args.stream:
-            print(prompts[0], end="", flush=True)
-            for delta in engine.stream(prompts[0], config, cancel):
+            print(prompts[0] if echo else "", end="", flush=True)
+            for delta in engine.stream(inputs[0], config, cancel):
                 print(delta, end="", flush=True)
             print()
             completions = [engine.last_completion]
         else:
-            completions = engine.generate(prompts, config, cancel, args.batch_size)
-    print_completions(args, prompts, completions, time.perf_counter() - start)
+            completions = engine.generate(inputs, config, cancel, args.batch_size)
+    print_completions(args, prompts, completions, time.perf_counter() - start, echo)
     if cancel.is_set():
         print("mamba-slm: interrupted; the output holds what was generated until then", file=sys.stderr)
         return 130
@@ -264,7 +277,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def print_completions(
-    args: argparse.Namespace, prompts: list[str], completions: list, seconds: float
+    args: argparse.Namespace, prompts: list[str], completions: list, seconds: float, echo: bool
 ) -> None:
     tokens = sum(len(c.tokens) for c in completions)
     if args.json:
@@ -275,23 +288,32 @@ def print_completions(
         return
     if not args.stream:
         for c in completions:
-            print(f"Prompt: {prompts[c.prompt_index]}\n\nGenerated:\n{prompts[c.prompt_index]}{c.text}")
+            prefix = prompts[c.prompt_index] if echo else ""
+            print(f"Prompt: {prompts[c.prompt_index]}\n\nGenerated:\n{prefix}{c.text}")
             print(f"({len(c.tokens)} tokens generated, {c.finish_reason})\n")
     print(f"Generation time: {seconds:.2f}s\nTokens: {tokens}\nSpeed: {tokens / seconds:.1f} tokens/s")
 
 
-def cmd_chat(args: argparse.Namespace) -> None:
-    from .chat import ChatSession, is_chat_model, run_chat
-    from .generation import load_engine
+def template_mode(args: argparse.Namespace, engine) -> str:
+    """--template resolved: "chat" (the tokenizer's chat template) or "plain" (text continuation);
+    auto is chat for a chat-tuned model whose tokenizer has a template."""
+    from .chat import is_chat_model
 
-    engine = load_engine(args.model, args.adapter, args.device, args.compile, args.kv_cache_dtype)
     template = args.template
     if template == "auto":
         chat = is_chat_model(args.model) or (args.adapter is not None and is_chat_model(args.adapter))
         template = "chat" if chat and engine.tokenizer.chat_template else "plain"
     if template == "chat" and not engine.tokenizer.chat_template:
         raise GenerationError(f"--template chat: {args.model} has a tokenizer without a chat template")
-    session = ChatSession(engine, generation_config(engine, args), args.system, template,
+    return template
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from .chat import ChatSession, run_chat
+    from .generation import load_engine
+
+    engine = load_engine(args.model, args.adapter, args.device, args.compile, args.kv_cache_dtype)
+    session = ChatSession(engine, generation_config(engine, args), args.system, template_mode(args, engine),
                           engine.model.config.max_position_embeddings)  # fmt: skip
     run_chat(session)
 
@@ -420,13 +442,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=int, help="prompts decoded together (default: 16 rows on a CPU, 256 on a GPU)"
     )
     gen.add_argument("--json", action="store_true", help="print one JSON object with every completion")
+    add_template_args(gen)
     gen.set_defaults(func=cmd_generate)
 
     chat = commands.add_parser("chat", help="chat with a model in the terminal")
     add_generation_args(chat, temperature=0.8, max_new_tokens=256)
-    chat.add_argument("--system", help="system prompt")
-    chat.add_argument("--template", choices=["auto", "chat", "plain"], default="auto",
-                      help="chat: the tokenizer's chat template; plain: text continuation; auto: chat if chat-tuned")  # fmt: skip
+    add_template_args(chat)
     chat.set_defaults(func=cmd_chat)
 
     bench = commands.add_parser("bench", help="generation speed: tokens/s, latency, batch throughput, memory")
