@@ -170,7 +170,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def add_template_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--system", help="system prompt (chat template)")
+    p.add_argument(
+        "--system", help="a system prompt (with --template plain: a line of text before the prompt)"
+    )
     p.add_argument("--template", choices=["auto", "chat", "plain"], default="auto",
                    help="chat: the tokenizer's chat template; plain: text continuation; auto: chat if chat-tuned")  # fmt: skip
 
