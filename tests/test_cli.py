@@ -183,6 +183,16 @@ def test_generate_renders_each_prompt_as_a_user_turn_for_a_chat_model(tiny_model
     assert system["prompt_tokens"] == len(tok.encode(with_system, add_special_tokens=False))
 
 
+def test_a_prompt_longer_than_the_context_gets_a_note_not_an_error(tiny_model_dir):
+    long_prompt = "To be, or not to be. " * 200  # over the tiny model's 512 positions
+    result = run("generate", "--model", str(tiny_model_dir), "--prompt", long_prompt, "--max-new-tokens", "2",
+                 "--temperature", "0")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "longer than the model's 512-token context" in result.stderr and "Tokens: " in result.stdout
+    short = run("generate", "--model", str(tiny_model_dir), "--prompt", "To be", "--max-new-tokens", "2")
+    assert short.returncode == 0 and "note:" not in short.stderr
+
+
 def test_ctrl_c_ends_generate_with_what_was_generated(tiny_model_dir):
     """The first Ctrl-C stops generating: the text so far and the timing are printed, exit 130."""
     # greedy never stops on its own on this model

@@ -261,6 +261,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     session = ChatSession(engine, config, args.system, template)
     inputs = [session.render([{"role": "user", "content": p}]) for p in prompts]
     echo = template == "plain" and not args.system  # the output shows the prompt before its continuation
+    context = engine.model.config.max_position_embeddings
+    longest = max(len(ids) for ids in inputs)
+    if longest > context:  # decoding still works (as in transformers), but past what the model learned
+        print(f"mamba-slm: note: a prompt of {longest} tokens is longer than the model's {context}-token context; "
+              "text past the context may degrade", file=sys.stderr)  # fmt: skip
     start = time.perf_counter()
     with sigint_cancels() as cancel:
         if args.stream:
