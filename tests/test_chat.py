@@ -85,6 +85,17 @@ def test_a_reply_limit_beyond_the_context_keeps_the_question(engine):
     assert "What is the new question?" in text and len(session.prompt_ids()) <= 30
 
 
+def test_a_message_longer_than_the_context_keeps_the_system_prompt_and_its_own_end(engine):
+    session = ChatSession(engine, GenerationConfig(max_new_tokens=8), system="Be kind.", context_limit=60)
+    session.history = [{"role": "user", "content": " ".join(f"w{i}" for i in range(200)) + " the end?"}]
+    ids = session.prompt_ids()
+    text = engine.tokenizer.decode(ids)
+    assert len(ids) <= 60 - 8
+    assert text.startswith("<|system|>Be kind.<|end|><|user|>") and text.endswith(
+        "the end?<|end|><|assistant|>"
+    )
+
+
 def test_plain_template_continues_the_text(engine):
     session = ChatSession(engine, GenerationConfig(max_new_tokens=4, temperature=0), template="plain")
     reply = "".join(session.reply("To be, or not"))

@@ -128,3 +128,69 @@ def test_builtin_chatterbot_corpus():
     assert len(convs) == 2025  # 2,026 entries; one is malformed upstream (a string) and skipped
     assert all(any(m["role"] == "assistant" for m in c) for c in convs)
     assert convs[0][0]["role"] == "user"
+
+
+def test_yaml_lines_are_kept_exactly_as_written(tmp_path):
+    # YAML 1.1 would read these unquoted lines as True / False / 750 / None / a date: train on the text.
+    lines = ["Yes", "No", "on", "off", "12:30", "~", "null", "1.50", "2024-01-01", "0x1F"]
+    yml = tmp_path / "typed.yml"
+    yml.write_text("conversations:\n" + "".join(f"- - Question?\n  - {line}\n" for line in lines))
+    assert [c[1]["content"] for c in load_conversations(str(yml))] == lines
+    (tmp_path / "typed.yml").write_text("conversations:\n- - Hi\n  - Note: a mapping\n")
+    with pytest.raises(DataError, match=r"typed.yml: conversation 0: line 1 must be text") as e:
+        load_conversations(str(yml))  # not silently rendered as "{'Note': 'a mapping'}"
+    assert "\n" not in str(e.value)
+
+
+def test_a_chat_template_that_raises_is_a_one_line_error_naming_the_record(tmp_path, tok, monkeypatch):
+    # Like Llama-2 / Mistral templates, which reject a system turn with raise_exception(...).
+    strict = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+    )
+    monkeypatch.setattr(tok, "chat_template", strict)
+    f = tmp_path / "chat.jsonl"
+    f.write_text(
+        json.dumps({"messages": CONVERSATION[1:3]}) + "\n" + json.dumps({"messages": CONVERSATION}) + "\n"
+    )
+    convs = load_conversations(str(f))
+    with pytest.raises(DataError, match=f"{f}:2: .*chat template.*System role not supported") as e:
+        tokenize_conversations(convs, tok)
+    assert "\n" not in str(e.value)
+    with pytest.raises(DataError, match="conversation 1: .*System role not supported"):
+        tokenize_conversations([CONVERSATION[1:3], CONVERSATION], tok)  # plain lists: named by index
+
+
+def test_a_jsonl_syntax_error_names_its_line_in_the_file(tmp_path):
+    f = tmp_path / "chat.jsonl"
+    good = json.dumps({"messages": CONVERSATION})
+    separator = json.dumps({"messages": CONVERSATION}, ensure_ascii=False).replace("sky?", "sky?\u2028")
+    f.write_text(
+        f"{good}\n\n{separator}\n" + '{"messages": [{"role": "user", \n' + f"{good}\n", encoding="utf-8"
+    )
+    with pytest.raises(DataError, match=rf"{f}:4: not readable JSON") as e:
+        load_conversations(
+            str(f)
+        )  # line 4 of the file, not "line 1" of the record; U+2028 is not a line break
+    assert "line 1" not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_split_always_leaves_a_conversation_for_training():
+    convs = [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}] for i in range(3)]
+    train, val = split_conversations(convs, 0.9)
+    assert (len(train), len(val)) == (1, 2)
+    train, val = split_conversations(convs[:2], 0.99)
+    assert (len(train), len(val)) == (1, 1)
+    with pytest.raises(DataError, match="need at least 2"):
+        split_conversations(convs[:1], 0.5)
+
+
+@pytest.mark.parametrize("max_samples", [0, -1])
+def test_max_samples_below_one_is_an_error(tmp_path, max_samples):
+    f = tmp_path / "chat.jsonl"
+    f.write_text("\n".join(json.dumps({"messages": CONVERSATION}) for _ in range(3)) + "\n")
+    with pytest.raises(
+        DataError, match=f"--max-samples: expected a positive number of samples, got {max_samples}"
+    ):
+        load_conversations(str(f), max_samples=max_samples)

@@ -90,6 +90,29 @@ def test_errors_are_one_line(tmp_path):
         assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("initializer_range", "0.02"),  # used to crash building the model
+        ("rope_theta", "10000"),  # used to crash in the first forward pass
+        ("norm_eps", "1e-5"),
+        ("tie_embeddings", "false"),  # used to be accepted (truthy: embeddings stayed tied)
+        ("sliding_window", 0.5),
+        ("eos_token_id", -5),
+        ("tie_word_embeddings", False),  # disagrees with tie_embeddings: true
+    ],
+)
+def test_hand_edited_config_with_wrong_type_is_one_line_error(tmp_path, field, value):
+    path = _saved(tmp_path)
+    data = json.loads((path / "config.json").read_text())
+    data[field] = value
+    (path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=rf"config\.json: (ModelConfig\.)?{field}: expected ") as err:
+        load_model(path)
+    assert str(err.value).startswith(str(path / "config.json"))
+    assert "\n" not in str(err.value)
+
+
 def test_unwritable_directory(tmp_path):
     target = tmp_path / "file"
     target.write_text("x")

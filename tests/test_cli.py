@@ -1,5 +1,6 @@
 """The command line: the flow users run, and one-line errors with a non-zero exit."""
 
+import io
 import json
 import shutil
 import signal
@@ -122,7 +123,7 @@ def test_demo_into_an_unwritable_place_is_one_line(tmp_path):
     assert "cannot create the output directory" in result.stderr.strip().splitlines()[-1]
 
 
-def test_generate_json_prompt_file_and_stream(tiny_model_dir, tmp_path, capsys):
+def test_generate_json_prompt_file_and_stream(tiny_model_dir, tmp_path, capsys, monkeypatch):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "To be"}\n\n{"prompt": "Café"}\n')
     args = ["generate", "--model", str(tiny_model_dir), "--max-new-tokens", "6", "--temperature", "0"]
@@ -141,6 +142,12 @@ def test_generate_json_prompt_file_and_stream(tiny_model_dir, tmp_path, capsys):
     piped = run(*args, "--prompt-file", "-", "--json", input="To be\n\nCafé\n")  # prompts from standard input
     assert [c["tokens"] for c in json.loads(piped.stdout)["completions"]] == [
         c["tokens"] for c in out["completions"]
+    ]
+    monkeypatch.setattr("sys.stdin", io.StringIO(prompts.read_text()))  # JSONL on stdin is read as JSONL
+    assert main([*args, "--prompt-file", "-", "--json"]) == 0
+    from_stdin = json.loads(capsys.readouterr().out)["completions"]
+    assert [(c["prompt"], c["tokens"]) for c in from_stdin] == [
+        (c["prompt"], c["tokens"]) for c in out["completions"]
     ]
     assert main([*args, "--prompt-file", str(prompts), "--json", "--kv-cache-dtype", "bfloat16"]) == 0
     half = json.loads(capsys.readouterr().out)["completions"]
@@ -212,7 +219,7 @@ def test_ctrl_c_ends_generate_with_what_was_generated(tiny_model_dir):
     )
 
 
-def test_generate_and_bench_bad_input_is_one_line(tiny_model_dir, tmp_path):
+def test_generate_and_bench_bad_input_is_one_line(tiny_model_dir, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "no prompt field"}\n')
     not_text = tmp_path / "numbers.jsonl"
@@ -232,6 +239,16 @@ def test_generate_and_bench_bad_input_is_one_line(tiny_model_dir, tmp_path):
         ),
         (["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--kv-cache-dtype", "int8"], "int8"),
     ]
+    in_process = [
+        (["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--stream", "--json"], "--stream and --json"),
+        (["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--penalty-alpha", "0.6", "-n", "2"],
+         "num_return_sequences"),
+        (["chat", "--model", str(tiny_model_dir), "--num-beams", "2"], "--num-beams"),
+    ]  # fmt: skip
+    for argv, message in in_process:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
     for argv, message in cases:
         result = run(*argv)
         assert result.returncode == 2 and message in result.stderr, result.stderr
@@ -251,3 +268,20 @@ def test_bench_reports_every_measurement(tiny_model_dir):
     assert "Total tokens: 40\n" in format_report(report)  # the seed's summary lines: 5 prompts x 8 tokens
     text = format_report({**report, "context_length": 32})  # positions past the trained context are flagged
     assert "64: beyond the model's 32-token context" in text and "16," not in text.split("(")[-1]
+
+
+def test_stop_strings_on_the_command_line_read_backslash_escapes(tiny_model_dir):
+    from mamba_slm.cli import build_parser
+
+    argv = [
+        "generate",
+        "--model",
+        str(tiny_model_dir),
+        "--prompt",
+        "x",
+        "--stop",
+        r"\n\n",
+        "--stop",
+        r"a\\n\tb",
+    ]
+    assert build_parser().parse_args(argv).stop == ["\n\n", "a\\n\tb"]

@@ -181,3 +181,85 @@ def test_streaming_hub_dataset_packs_without_downloading(monkeypatch):
     tok = train_tokenizer(LINES, vocab_size=300)
     packed = tokenize_and_pack(corpus["train"], tok, block_size=32)
     assert len(packed) > 10
+
+
+@pytest.mark.parametrize(
+    ("rows", "kind", "row"),
+    [([{"text": 5}, {"text": 6}], "int", 1), ([{"text": "ok"}, {"text": ["a"]}], "list", 2)],
+)
+def test_a_text_field_of_other_types_is_one_clear_line(tmp_path, rows, kind, row):
+    path = tmp_path / "c.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows + [{"text": None}]))
+    expected = rf"c\.jsonl: field 'text' holds {kind} values \(row {row}\), expected strings$"
+    with pytest.raises(DataError, match=expected):
+        load_corpus(DataSpec(dataset=str(path)))
+
+
+def test_a_numeric_csv_column_and_a_streamed_one_are_one_clear_line(tmp_path, monkeypatch):
+    import datasets
+
+    (tmp_path / "n.csv").write_text("id,text\n0,3\n1,6\n")
+    with pytest.raises(DataError, match=r"n\.csv: field 'id' holds int values \(row 1\)"):
+        load_corpus(DataSpec(dataset=str(tmp_path / "n.csv"), text_field="id"))
+    stream = datasets.Dataset.from_dict({"body": [{"a": 1}] * 3}).to_iterable_dataset()
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: stream)
+    corpus = load_corpus(DataSpec(dataset="some/corpus", text_field="body", streaming=True))
+    with pytest.raises(DataError, match=r"some/corpus: field 'body' holds dict values \(row 1\)"):
+        list(corpus["validation"])
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "flag"),
+    [
+        ("validation_split", 0.0, "--validation-split"),
+        ("validation_split", 1.5, "--validation-split"),
+        ("validation_split", -0.1, "--validation-split"),
+        ("num_proc", -2, "--num-proc"),
+        ("num_proc", 0, "--num-proc"),
+        ("max_samples", -3, "--max-samples"),
+    ],
+)
+def test_out_of_range_settings_are_rejected_up_front(field, value, flag):
+    with pytest.raises(DataError, match=rf"^{flag}: expected .*, got {value}$"):
+        DataSpec(**{field: value})
+
+
+def test_a_split_that_leaves_no_training_rows_is_one_clear_line(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_text("one\n\ntwo\n\nthree")
+    corpus = load_corpus(DataSpec(dataset=str(path), validation_split=0.05))
+    assert (len(corpus["train"]), len(corpus["validation"])) == (2, 1)  # at least one held out
+    with pytest.raises(DataError, match=r"c\.txt: --validation-split 0\.9 of 3 samples leaves none"):
+        load_corpus(DataSpec(dataset=str(path), validation_split=0.9))
+
+
+def test_empty_and_undecodable_files_are_one_clear_line(tmp_path):
+    (tmp_path / "x.jsonl").write_text("")
+    with pytest.raises(DataError, match=r"x\.jsonl: the file is empty$"):
+        load_corpus(DataSpec(dataset=str(tmp_path / "x.jsonl")))
+    (tmp_path / "h.csv").write_text("text\n")
+    with pytest.raises(DataError, match=r"h\.csv: no rows in it"):
+        load_corpus(DataSpec(dataset=str(tmp_path / "h.csv")))
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text("\n\n".join(LINES))
+    (folder / "b.txt").write_bytes("caf\u00e9 au lait".encode("latin-1"))
+    expected = r"b\.txt: could not read \(UnicodeDecodeError: 'utf-8' codec can't decode byte 0xe9.*\); expected UTF-8"
+    with pytest.raises(DataError, match=expected) as err:
+        load_corpus(DataSpec(dataset=str(folder)))
+    assert "\n" not in str(err.value)
+
+
+def test_a_save_to_disk_folder_is_a_dataset(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_text("\n\n".join(LINES))
+    prepared = load_corpus(DataSpec(dataset=str(path), validation_split=0.25))
+    prepared.save_to_disk(tmp_path / "prepared")  # what `mamba-slm data prepare` writes
+    corpus = load_corpus(DataSpec(dataset=str(tmp_path / "prepared")))
+    assert corpus["train"]["text"] == prepared["train"]["text"]
+    assert corpus["validation"]["text"] == prepared["validation"]["text"]
+    prepared["train"].rename_column("text", "body").save_to_disk(tmp_path / "single")
+    corpus = load_corpus(DataSpec(dataset=str(tmp_path / "single"), text_field="body", validation_split=0.1))
+    assert len(corpus["train"]) + len(corpus["validation"]) == 30 and len(corpus["validation"]) == 3
+    with pytest.raises(DataError, match=r"prepared: no field 'body'"):
+        load_corpus(DataSpec(dataset=str(tmp_path / "prepared"), text_field="body"))

@@ -12,6 +12,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from mamba_slm import HybridLM, ModelConfig
+from mamba_slm.chat import is_chat_model
 from mamba_slm.chat_data import render_chat
 from mamba_slm.cli import main
 from mamba_slm.finetune import (
@@ -255,6 +256,22 @@ def test_full_finetuning_on_text_writes_a_model_directory(setup, tmp_path):
     assert not torch.equal(tuned.layers[0].mixer.in_proj.weight, base.layers[0].mixer.in_proj.weight)
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_checkpoints_of_a_chat_finetune_generate_as_chat_models(setup, tmp_path, lora):
+    root, tok = setup
+    out = tmp_path / "run"
+    run_finetune(ft_args(root, out, use_lora=lora, train=targs(out, max_steps=4, save_steps=2)))
+    end = tok.convert_tokens_to_ids("<|end|>")
+    for model_dir in (out, out / "checkpoint-4"):
+        assert is_chat_model(model_dir), model_dir
+        assert (model_dir / "tokenizer_config.json").exists()
+        engine = load_engine(str(model_dir))
+        assert end in engine.default_config().stop_ids
+        if not lora:  # a full model directory: transformers' generate stops at the end of a turn too
+            eos = json.loads((model_dir / "generation_config.json").read_text())["eos_token_id"]
+            assert end in eos and tok.eos_token_id in eos
+
+
 def test_an_adapter_for_another_base_is_rejected(setup, trained, tmp_path):
     root, _ = setup
     out, _ = trained
@@ -312,6 +329,7 @@ def test_qlora_puts_lora_on_4bit_projections_and_trains(setup, tmp_path):
         (["--merge"], "--merge: only with --use-lora"),
         (["--train-embeddings"], "--train-embeddings: only with --use-lora"),
         (["--dataset", "NOASSISTANT"], "has no assistant turn"),
+        (["--dataset-config", "wikitext-2-raw-v1"], "are for text data, not --chat"),
         pytest.param(
             ["--qlora"],
             "--qlora: 4-bit NF4 quantization (bitsandbytes) needs a CUDA GPU",

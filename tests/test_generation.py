@@ -227,6 +227,31 @@ def test_streaming_never_splits_a_multibyte_character(tokenizer, monkeypatch):
     assert len(deltas) > 3
 
 
+@pytest.mark.parametrize("stop", ["Q\uff1a", "\n\u00e9"])
+def test_streaming_holds_back_a_stop_string_start_before_a_partial_character(tokenizer, stop, monkeypatch):
+    """The stop string's next character arrives byte by byte: what precedes it must wait."""
+    text = "Hi Q\uff1a there" if stop.startswith("Q") else "x \u00e9\n\u00e9 y"
+    scripted = [tokenizer.convert_tokens_to_ids(t) for t in tokenizer.tokenize(text)]
+    engine = Engine(tiny(len(tokenizer)), tokenizer)
+    monkeypatch.setattr(engine, "_steps", lambda ids, cfg: iter(torch.tensor([t]) for t in scripted))
+    cfg = GenerationConfig(max_new_tokens=len(scripted), stop_strings=(stop,))
+    streamed = "".join(engine.stream("x", cfg))
+    assert streamed == engine.generate(["x"], cfg)[0].text == text[: text.find(stop)]
+
+
+def test_a_stop_token_never_shows_in_the_text(tokenizer):
+    engine = Engine(tiny(len(tokenizer)), tokenizer)
+    free = engine.generate(["The quick"], GenerationConfig(max_new_tokens=8, temperature=0))[0]
+    stop_id = free.tokens[3]  # an ordinary (not special) token, as a stop token id
+    cut = engine.generate(
+        ["The quick"], GenerationConfig(max_new_tokens=8, temperature=0, stop_token_ids=(stop_id,))
+    )
+    assert cut[0].tokens == free.tokens[: free.tokens.index(stop_id) + 1] and cut[0].finish_reason == "stop"
+    assert cut[0].text == tokenizer.decode(cut[0].tokens[:-1], skip_special_tokens=True)
+    assert "".join(engine.stream("The quick", GenerationConfig(max_new_tokens=8, temperature=0,
+                                                               stop_token_ids=(stop_id,)))) == cut[0].text  # fmt: skip
+
+
 def test_streaming_decodes_each_token_a_bounded_number_of_times(tokenizer, monkeypatch):
     engine = Engine(tiny(len(tokenizer)), tokenizer)
     decoded = []
@@ -297,10 +322,11 @@ def test_kv_buffers_that_grow_during_generation_give_the_same_tokens(monkeypatch
 @pytest.mark.parametrize(
     "bad",
     [{"max_new_tokens": 0}, {"top_p": 0.0}, {"temperature": -1}, {"min_p": 1.0}, {"num_beams": 0},
-     {"num_beams": 2, "num_return_sequences": 3}, {"penalty_alpha": 0.5, "top_k": 1}],
+     {"num_beams": 2, "num_return_sequences": 3}, {"penalty_alpha": 0.5, "top_k": 1},
+     {"num_return_sequences": 2, "penalty_alpha": 0.5, "top_k": 4}],
 )  # fmt: skip
 def test_bad_settings_raise_one_clear_error(bad):
-    with pytest.raises(GenerationError, match=next(iter(bad)) if "penalty" not in str(bad) else "top_k"):
+    with pytest.raises(GenerationError, match=next(iter(bad)) if "top_k" not in bad else "top_k|num_return"):
         GenerationConfig(**bad)
 
 

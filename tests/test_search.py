@@ -1,12 +1,20 @@
 """Beam search and contrastive search against direct, cache-free implementations."""
 
 import itertools
+from dataclasses import replace
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from mamba_slm import HybridLM, ModelConfig
 from mamba_slm.generation import Engine, GenerationConfig
+from mamba_slm.tokenizer import train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(["The quick brown fox jumps over the lazy dog. " * 8], vocab_size=300)
 
 
 def tiny(vocab_size: int = 256):
@@ -80,3 +88,37 @@ def test_contrastive_search_matches_the_direct_formula_also_in_a_padded_batch():
     out = Engine(model).generate(prompts, cfg)
     for prompt, completion in zip(prompts, out, strict=True):
         assert completion.tokens == contrastive_direct(model, prompt, 4, 0.6, 8)
+
+
+def test_beam_and_contrastive_search_apply_the_repetition_penalty():
+    model, prompt = tiny(), [[7, 7, 7, 9]]
+    beam, contrastive = (
+        GenerationConfig(max_new_tokens=30, num_beams=3),
+        GenerationConfig(max_new_tokens=30, penalty_alpha=0.6, top_k=4),
+    )
+    for cfg in (beam, contrastive):
+        plain = Engine(model).generate(prompt, cfg)[0]
+        penalised = Engine(model).generate(prompt, replace(cfg, repetition_penalty=5.0))[0]
+        assert penalised.tokens != plain.tokens
+        if cfg is beam:  # this beam run ends in one token repeated; the penalty breaks the loop
+            assert len(set(penalised.tokens)) > len(set(plain.tokens))
+
+
+def test_beam_search_ends_a_hypothesis_at_a_stop_string(tokenizer):
+    engine = Engine(tiny(len(tokenizer)), tokenizer)
+    cfg = GenerationConfig(max_new_tokens=20, num_beams=3, num_return_sequences=3)
+    free = engine.generate(["The quick"], cfg)
+    stop = free[0].text[4:6]
+    for c in engine.generate(["The quick"], replace(cfg, stop_strings=(stop,))):
+        assert stop not in c.text and tokenizer.decode(c.tokens, skip_special_tokens=True) == c.text
+    # every token's text is a stop string: each candidate of the first step finishes at once
+    every = tuple({tokenizer.decode([t]) for t in range(len(tokenizer))} - {""})
+    for c in engine.generate(["The quick"], replace(cfg, stop_strings=every)):
+        assert (c.text, c.finish_reason, c.tokens) == ("", "stop", [])
+
+
+def test_contrastive_search_takes_a_top_k_beyond_the_vocabulary():
+    out = Engine(tiny(16)).generate(
+        [[1, 2]], GenerationConfig(max_new_tokens=4, penalty_alpha=0.5, top_k=500)
+    )
+    assert len(out[0].tokens) == 4

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -146,6 +147,60 @@ def test_errors(tmp_path, corpus_and_tokenizer):
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("mamba-slm: error: --tokenizer: 300 tokens")
+
+
+def _losses(out):
+    lines = (out / "training_log.jsonl").read_text().splitlines()
+    return [(e["step"], e["loss"]) for e in map(json.loads, lines) if "loss" in e]
+
+
+def test_resume_from_mid_logging_window_logs_the_uninterrupted_losses(tmp_path):
+    full = args(tmp_path / "full", max_steps=12, save_steps=6, eval_steps=0, save_total_limit=3)
+    Trainer(tiny_model(), blocks(), [], full).train()
+    shutil.copytree(tmp_path / "full", tmp_path / "cut")
+    shutil.rmtree(tmp_path / "cut" / "checkpoint-12")  # as if killed after step 6 (log window 4)
+    Trainer(tiny_model(), blocks(), [], args(tmp_path / "cut", max_steps=12, save_steps=6, eval_steps=0,
+                                              resume=True)).train()  # fmt: skip
+    expected, resumed = _losses(tmp_path / "full"), _losses(tmp_path / "cut")
+    assert [s for s, _ in resumed] == [s for s, _ in expected] == [4, 8, 12]
+    for (_, a), (_, b) in zip(expected, resumed, strict=True):
+        assert b == pytest.approx(a, rel=1e-4)
+
+
+def test_a_fresh_run_never_mixes_with_an_earlier_runs_checkpoints(tmp_path):
+    out = tmp_path / "out"
+    Trainer(tiny_model(), blocks(), [], args(out, max_steps=4, save_steps=2, eval_steps=0)).train()
+    with pytest.raises(TrainError, match="holds checkpoint-4 of an earlier run; pass --resume"):
+        Trainer(tiny_model(), blocks(), [], args(out, max_steps=3, save_steps=1, eval_steps=0))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    again = args(out, max_steps=3, save_steps=1, eval_steps=0, overwrite_output_dir=True, logging_steps=1)
+    Trainer(tiny_model(), blocks(), [], again).train()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    assert [s for s, _ in _losses(out)] == [1, 2, 3]  # the earlier run's log is gone, not appended to
+
+
+def test_resume_refuses_a_changed_data_order_or_model_and_damaged_files(tmp_path):
+    out = tmp_path / "c"
+    Trainer(tiny_model(), blocks(), [], args(out, max_steps=2, save_steps=2, eval_steps=0)).train()
+    with pytest.raises(TrainError, match=r"written with --batch-size 4 \(this run: 2\)"):
+        Trainer(tiny_model(), blocks(), [], args(out, batch_size=2, resume=True)).train()
+    other = HybridLM(ModelConfig.from_preset("tiny", d_model=32, head_dim=8))
+    with pytest.raises(TrainError, match=r"checkpoint-2: a different model, d_model 64 \(this run: 32\)"):
+        Trainer(other, blocks(), [], args(out, resume=True)).train()
+    ckpt = out / "checkpoint-2"
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    for name, damage in (("rng.pt", b""), ("optimizer.pt", b"")):
+        kept = (ckpt / name).read_bytes()
+        (ckpt / name).write_bytes(damage)  # a zero-byte file, as a power cut can leave
+        with pytest.raises(TrainError, match="checkpoint-2: corrupt checkpoint"):
+            Trainer(tiny_model(), blocks(), [], args(out, resume=True)).train()
+        (ckpt / name).write_bytes(kept)
+    del state["scheduler"]
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    with pytest.raises(
+        TrainError, match="corrupt checkpoint \\(trainer_state.json: KeyError: 'scheduler'\\)"
+    ):
+        Trainer(tiny_model(), blocks(), [], args(out, resume=True)).train()
 
 
 @pytest.mark.slow

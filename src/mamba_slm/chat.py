@@ -65,7 +65,21 @@ class ChatSession:
         while len(ids) > budget and len(self.history) > 1:
             self.history = self.history[2:] if len(self.history) > 2 else self.history[-1:]
             ids = self.render(self.history)
-        return ids[-budget:]
+        # The newest message alone is too long: keep its end, and the system prompt and the
+        # template's role markers with it (cutting the rendered ids would drop those first).
+        while len(ids) > budget and self.history and self.history[-1]["content"]:
+            if not self._drop_oldest_tokens_of_last_message(len(ids) - budget):
+                break
+            ids = self.render(self.history)
+        return ids[-budget:]  # cuts only when the system prompt alone does not fit
+
+    def _drop_oldest_tokens_of_last_message(self, count: int) -> bool:
+        """False when the text did not get shorter (nothing more to drop)."""
+        tok, last = self.engine.tokenizer, self.history[-1]
+        before = last["content"]
+        content = tok.encode(before, add_special_tokens=False)
+        last["content"] = tok.decode(content[count:]).lstrip("\ufffd").lstrip()  # no half characters
+        return len(last["content"]) < len(before)
 
     def reply(self, user_text: str, cancel: threading.Event | None = None) -> Iterator[str]:
         """Stream the reply to `user_text`; the (possibly partial) reply joins the history."""

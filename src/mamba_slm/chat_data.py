@@ -7,14 +7,16 @@ Design choices:
     alternating user / assistant lines), a folder of those, or the built-in `chatterbot`.
   * Built-in `chatterbot`: the English YAML conversations of the PyPI wheel
     `chatterbot-corpus==1.3.3` (2,026 entries in 21 files, BSD-3-Clause), fetched once with
-    `pip download --no-deps`, checked against its sha256 and read with `yaml.safe_load`; the
-    package is never installed or imported. One entry is malformed upstream (a string, not a
-    list of lines) and is skipped, leaving 2,025 conversations.
+    `pip download --no-deps`, checked against its sha256 and read as YAML; the package is never
+    installed or imported. One entry is malformed upstream (a string, not a list of lines) and is
+    skipped, leaving 2,025 conversations.
   * Rendering uses the tokenizer's own chat template, so any HF tokenizer works. Loss targets
     are found by rendering each prefix: the text an assistant turn adds after the generation
     prompt (its content and the end-of-turn marker) is the target; the role marker, system and
     user turns are context (label -100). The text is tokenized once and the targets are mapped
     onto tokens by character offsets, so they match the ids the model trains on exactly.
+  * YAML lines are kept as the text written: YAML 1.1 typing (`Yes` -> True, `12:30` -> 750) is
+    off, and a line that is not text (an unquoted `Note: x` is a mapping) is an error.
   * Every conversation must contain an assistant turn (otherwise there is nothing to learn and
     the source is probably malformed): a one-line `DataError` names the file and record.
   * Conversations are never packed together: each is one row of a right-padded batch, so no
@@ -37,7 +39,15 @@ CHATTERBOT_VERSION = "1.3.3"
 CHATTERBOT_WHEEL = f"chatterbot_corpus-{CHATTERBOT_VERSION}-py2.py3-none-any.whl"
 CHATTERBOT_SHA256 = "86de5300afb9a80826386339d3bec79c0a72eb0358abb8327e2ecef5ae0ce154"
 ROLES = ("system", "user", "assistant")
-Conversation = list[dict[str, str]]
+
+
+class Conversation(list[dict[str, str]]):
+    """`{"role", "content"}` messages that remember their record (`where`): a chat template may reject
+    a conversation only once a tokenizer renders it, after the split, and the error names the record."""
+
+    def __init__(self, messages=(), where: str = "conversation"):
+        super().__init__(messages)
+        self.where = where
 
 
 def fetch_chatterbot(root: Path | None = None) -> list[Path]:
@@ -68,6 +78,8 @@ def fetch_chatterbot(root: Path | None = None) -> list[Path]:
 
 def load_conversations(source: str, max_samples: int | None = None) -> list[Conversation]:
     """Conversations from `chatterbot`, a .jsonl/.json/.yml/.yaml file, or a folder of them."""
+    if max_samples is not None and max_samples < 1:  # [:-1] would silently drop the last one
+        raise DataError(f"--max-samples: expected a positive number of samples, got {max_samples}")
     if source == CHATTERBOT:
         files = fetch_chatterbot()
     else:
@@ -101,7 +113,7 @@ def _read_json(file: Path):
     try:
         text = file.read_text(encoding="utf-8")
         if file.suffix.lower() == ".jsonl":
-            records = [(i, json.loads(line)) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+            records = _parse_jsonl(file, text)
         else:
             data = json.loads(text)
             records = list(enumerate(data if isinstance(data, list) else [data], 1))
@@ -114,12 +126,29 @@ def _read_json(file: Path):
         yield where, record["messages"]
 
 
+def _parse_jsonl(file: Path, text: str) -> list[tuple[int, Any]]:
+    """(line number, record) for each non-blank line; a syntax error names the file's line, since
+    json.loads on one line alone reports "line 1"."""
+    records = []
+    # split("\n"), not splitlines(): a JSON string may hold a raw U+2028, U+2029 or U+0085, which
+    # splitlines() breaks on; "\r" of a CRLF line is whitespace to json.loads.
+    for i, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            try:
+                records.append((i, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{file}:{i}: not readable JSON ({e.msg} at column {e.colno})") from None
+    return records
+
+
 def _read_yaml(file: Path):
     """ChatterBot YAML: `conversations` is a list of line lists; lines alternate user, assistant."""
     import yaml
 
     try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+        # BaseLoader: every scalar stays the string written; safe_load would turn `Yes` into True and
+        # `12:30` into 750, which str() then trains on as "True" and "750".
+        data = yaml.load(file.read_text(encoding="utf-8"), Loader=yaml.BaseLoader)
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(f"{file}: not readable YAML ({first})") from None
@@ -130,7 +159,11 @@ def _read_yaml(file: Path):
         if not isinstance(lines, list):
             yield where, []  # not a list of lines: no assistant turn (an error, except in the built-in)
             continue
-        turns = [{"role": ROLES[1 + j % 2], "content": str(line)} for j, line in enumerate(lines)]
+        for j, line in enumerate(lines):
+            if not isinstance(line, str):  # str() would train on "{'Note': 'x'}" for `- Note: x`
+                kind = "mapping" if isinstance(line, dict) else "list"
+                raise DataError(f"{where}: line {j} must be text, got a YAML {kind} (quote the line)")
+        turns = [{"role": ROLES[1 + j % 2], "content": line} for j, line in enumerate(lines)]
         if len(turns) > 1 and turns[-1]["role"] == "user":
             turns.pop()  # a closing user line has no reply to learn
         yield where, turns
@@ -147,7 +180,7 @@ def check_conversation(messages: Any, where: str) -> Conversation:
         out.append({"role": m["role"], "content": m["content"]})
     if not any(m["role"] == "assistant" for m in out):
         raise DataError(f"{where}: the conversation has no assistant turn, so there is nothing to learn")
-    return out
+    return Conversation(out, where)
 
 
 def split_conversations(
@@ -156,7 +189,7 @@ def split_conversations(
     """(train, held-out). Conversations that open with the same user message stay on one side (the
     ChatterBot corpus repeats many: 2,025 conversations, 748 distinct openings), so no held-out
     question was seen in training: a seeded shuffle of the distinct openings, the last
-    `validation_split` fraction of them (at least one) held out with all their conversations."""
+    `validation_split` fraction of them (at least one, never all) held out with all their conversations."""
     if not 0 < validation_split < 1:
         raise DataError(f"--validation-split: expected a fraction in (0, 1), got {validation_split}")
     groups: dict[str, list[Conversation]] = {}
@@ -167,21 +200,21 @@ def split_conversations(
         raise DataError(f"{len(groups)} distinct conversation(s): need at least 2 to hold some out")
     keys = list(groups)
     random.Random(seed).shuffle(keys)
-    n_val = max(1, round(validation_split * len(keys)))
+    n_val = min(max(1, round(validation_split * len(keys))), len(keys) - 1)  # keep one to train on
     return [c for k in keys[:-n_val] for c in groups[k]], [c for k in keys[-n_val:] for c in groups[k]]
 
 
 def render_chat(
-    tokenizer, messages: Conversation, max_length: int | None = None
+    tokenizer, messages: Conversation, max_length: int | None = None, where: str = ""
 ) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) of one conversation: labels equal input_ids on assistant targets, else -100."""
+    """(input_ids, labels) of one conversation: labels equal input_ids on assistant targets, else -100.
+    `where` names the conversation in errors (default: its record, for one from load_conversations)."""
+    where = where or getattr(messages, "where", "conversation")
     if getattr(tokenizer, "chat_template", None) is None:
         raise DataError("tokenizer: it has no chat template; train one with `mamba-slm tokenizer train`")
     if not getattr(tokenizer, "is_fast", False):
         raise DataError("tokenizer: chat SFT needs a fast tokenizer (character offsets for the targets)")
-    render = lambda msgs, prompt: tokenizer.apply_chat_template(
-        msgs, tokenize=False, add_generation_prompt=prompt
-    )
+    render = lambda msgs, prompt: _render(tokenizer, msgs, prompt, where)
     text = render(messages, False)
     spans = []  # [start, end) character ranges of the assistant targets
     for k, m in enumerate(messages):
@@ -202,10 +235,25 @@ def render_chat(
     return ids, labels
 
 
+def _render(tokenizer, messages: list, prompt: bool, where: str) -> str:
+    """The chat template's text. A template may raise (Llama-2 / Mistral ones reject a system turn
+    or non-alternating roles): a one-line DataError naming the conversation, not a jinja2 traceback."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
+    except TemplateError as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{where}: the tokenizer's chat template rejects it ({reason})") from None
+
+
 def tokenize_conversations(
     conversations: list[Conversation], tokenizer, max_length: int | None = None
 ) -> list[tuple[list[int], list[int]]]:
     """Rendered (input_ids, labels) pairs; a conversation cut by max_length to no target is dropped."""
     # A target at position 0 has no prediction (labels are shifted), hence "any target after the first".
-    pairs = [render_chat(tokenizer, c, max_length) for c in conversations]
+    pairs = [
+        render_chat(tokenizer, c, max_length, getattr(c, "where", f"conversation {i}"))
+        for i, c in enumerate(conversations)
+    ]
     return [(ids, lab) for ids, lab in pairs if any(x != -100 for x in lab[1:])]

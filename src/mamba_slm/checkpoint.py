@@ -61,7 +61,14 @@ def config_to_json(config: ModelConfig) -> dict[str, Any]:
 
 def config_from_json(data: dict[str, Any]) -> ModelConfig:
     fields = {k: v for k, v in data.items() if k in ModelConfig.__dataclass_fields__}
-    return ModelConfig.from_dict(fields)
+    config = ModelConfig.from_dict(fields)
+    # transformers reads tie_word_embeddings, the core tie_embeddings: they must not disagree.
+    tied = data.get("tie_word_embeddings", config.tie_embeddings)
+    if tied is not config.tie_embeddings:
+        raise ConfigError(
+            f"tie_word_embeddings: expected {config.tie_embeddings!r} (the same as tie_embeddings), got {tied!r}"
+        )
+    return config
 
 
 def generation_config_json(config: ModelConfig) -> dict[str, Any]:

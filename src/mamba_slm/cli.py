@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -119,7 +120,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         gradient_checkpointing=args.gradient_checkpointing, logging_steps=args.logging_steps,
         eval_steps=args.eval_steps, early_stopping_patience=args.early_stopping_patience,
         save_steps=args.save_steps, save_total_limit=args.save_total_limit, seed=args.seed, resume=args.resume,
-        compile=args.compile, fsdp=args.fsdp,
+        overwrite_output_dir=args.overwrite_output_dir, compile=args.compile, fsdp=args.fsdp,
     )  # fmt: skip
     trainer = Trainer(model, train_blocks, val_blocks, train_args, tokenizer.pad_token_id, tokenizer)
     print(f"model: {model.num_parameters():,} parameters, layers {model.config.layer_pattern}; "
@@ -144,13 +145,15 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         weight_decay=0.0 if lora else 0.1, mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing, logging_steps=args.logging_steps, eval_steps=args.eval_steps,
         save_steps=args.save_steps, save_total_limit=args.save_total_limit, seed=args.seed, resume=args.resume,
+        overwrite_output_dir=args.overwrite_output_dir,
     )  # fmt: skip
     targets = (
         [t.strip() for t in args.target_modules.split(",") if t.strip()] if args.target_modules else None
     )
     summary = run_finetune(FinetuneArgs(
         base=args.base, train=train_args, dataset=args.dataset, chat=args.chat, tokenizer=args.tokenizer,
-        text_field=args.text_field, max_samples=args.max_samples, validation_split=args.validation_split,
+        text_field=args.text_field, dataset_config=args.dataset_config, split=args.split, streaming=args.streaming,
+        max_samples=args.max_samples, validation_split=args.validation_split,
         max_length=args.max_length, use_lora=args.use_lora, qlora=args.qlora, lora_r=args.lora_r,
         lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=targets, merge=args.merge,
         train_embeddings=args.train_embeddings,
@@ -190,7 +193,8 @@ def add_generation_args(p: argparse.ArgumentParser, temperature: float, max_new_
     p.add_argument("--num-beams", type=int, default=1, help="> 1: beam search")
     p.add_argument("--length-penalty", type=float, default=1.0)
     p.add_argument("--penalty-alpha", type=float, default=0.0, help="> 0: contrastive search")
-    p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    p.add_argument("--stop", action="append", default=[], type=unescape,
+                   help=r"a stop string (repeatable); \n, \t and \\ are read as escapes, e.g. --stop '\n\n'")  # fmt: skip
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cpu)")
     p.add_argument(
@@ -208,6 +212,12 @@ def add_kv_cache_dtype(p: argparse.ArgumentParser) -> None:
         help="the attention layers' cached keys and values (default: the model's dtype); "
         "bfloat16 halves their memory and what long contexts read per token",
     )
+
+
+def unescape(text: str) -> str:
+    r"""`\n`, `\t`, `\r` and `\\` as the characters they name: a shell passes "\n\n" as four
+    characters, and a stop string of a backslash and an n is rarely what was meant."""
+    return re.sub(r"\\([ntr\\])", lambda m: {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}[m.group(1)], text)
 
 
 def generation_config(engine, args: argparse.Namespace, **extra):
@@ -228,8 +238,9 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
             text = sys.stdin.read() if args.prompt_file == "-" else path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise GenerationError(f"{path}: cannot read the prompt file ({e})") from None
+        jsonl = path.suffix == ".jsonl" or (args.prompt_file == "-" and _looks_like_jsonl(text))
         for n, line in enumerate(text.splitlines(), 1):
-            if path.suffix == ".jsonl" and line.strip():
+            if jsonl and line.strip():
                 try:
                     prompt = json.loads(line)["prompt"]
                 except (ValueError, KeyError, TypeError):
@@ -244,6 +255,15 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+def _looks_like_jsonl(text: str) -> bool:
+    """Prompts piped on stdin are JSONL when the first non-blank line is a JSON object."""
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    try:
+        return isinstance(json.loads(first), dict)
+    except ValueError:
+        return False
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     """Ctrl-C stops generating and prints what was generated (finish reason "cancelled", exit status
     130); a second Ctrl-C interrupts at once."""
@@ -255,6 +275,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     config = generation_config(engine, args, num_return_sequences=args.num_return_sequences)
     if args.stream and (len(prompts) > 1 or config.num_return_sequences > 1 or config.num_beams > 1):
         raise GenerationError("--stream: one prompt and one sequence, without beam search")
+    if args.stream and args.json:
+        raise GenerationError(
+            "--stream and --json: choose one (--json prints one object once generation ends)"
+        )
     # Each prompt as chat renders a user turn: through the chat template (the completion is the
     # reply), or as plain text after the system prompt, if any (the completion continues it).
     template = template_mode(args, engine)
@@ -319,6 +343,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from .chat import ChatSession, run_chat
     from .generation import load_engine
 
+    if args.num_beams > 1:  # a chat streams its replies, which beam search cannot
+        raise GenerationError("--num-beams: chat streams one reply at a time; beam search is for generate")
     engine = load_engine(args.model, args.adapter, args.device, args.compile, args.kv_cache_dtype)
     session = ChatSession(engine, generation_config(engine, args), args.system, template_mode(args, engine),
                           engine.model.config.max_position_embeddings)  # fmt: skip
@@ -398,6 +424,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--resume", action="store_true", help="continue from the latest checkpoint in --output-dir"
     )
+    tr.add_argument(
+        "--overwrite-output-dir", action="store_true",
+        help="start over in an --output-dir that holds an earlier run's checkpoints (deletes them)",
+    )  # fmt: skip
     tr.add_argument("--compile", action="store_true", help="torch.compile the model (opt-in)")
     tr.add_argument(
         "--fsdp",
@@ -413,6 +443,11 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--chat", action="store_true", help="conversations, loss on assistant tokens only")
     ft.add_argument("--tokenizer", help="default: the base directory's tokenizer")
     ft.add_argument("--text-field", default="text")
+    ft.add_argument(
+        "--dataset-config", help="text data from the hub: its configuration, e.g. wikitext-2-raw-v1"
+    )
+    ft.add_argument("--split", default="train", help="text data from the hub: the split to train on")
+    ft.add_argument("--streaming", action="store_true", help="text data from the hub: stream it")
     ft.add_argument("--max-samples", type=int)
     ft.add_argument("--validation-split", type=float, default=0.1, help="fraction held out for evaluation")
     ft.add_argument("--max-length", type=int, default=512, help="tokens per conversation / text block")
@@ -436,6 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.set_defaults(mixed_precision="no", func=cmd_finetune)
     ft.add_argument("--gradient-checkpointing", action="store_true")
     ft.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    ft.add_argument("--overwrite-output-dir", action="store_true",
+                    help="start over in an --output-dir that holds an earlier run's checkpoints (deletes them)")  # fmt: skip
 
     gen = commands.add_parser("generate", help="generate text from prompts")
     add_generation_args(gen, temperature=0.8, max_new_tokens=64)

@@ -3,19 +3,84 @@
 `ModelConfig` is the single source of truth for a model's shape. Everything that can be
 derived (the layer pattern from `attn_ratio`, the MLP width, the number of SSM heads) is
 derived in `__post_init__`, so a saved `config.json` always holds the resolved values and
-loading it reproduces the same model. Impossible values raise `ConfigError` naming the field.
+loading it reproduces the same model. A value of the wrong type or out of range raises
+`ConfigError` naming the field and what was expected.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 MIXERS = ("mamba2", "mamba1")
 POS_ENCODINGS = ("rope", "alibi", "none")
 ROPE_SCALINGS = ("linear", "ntk", "yarn")
+TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    """An int or a finite float (JSON also allows NaN and Infinity; neither is a usable setting)."""
+    return _is_int(value) or (isinstance(value, float) and math.isfinite(value))
+
+
+_POSITIVE_INT = (lambda v: _is_int(v) and v > 0, "a positive int")
+_POSITIVE_NUMBER = (lambda v: _is_number(v) and v > 0, "a positive number")
+
+# The type and range of every field except the token ids (checked against vocab_size): a check
+# and what was expected. Fields listed in _OPTIONAL also accept None ("derive the default" or
+# "unset"). Checks that relate several fields come after these, in __post_init__.
+_FIELD_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "vocab_size": _POSITIVE_INT,
+    "d_model": _POSITIVE_INT,
+    "n_layers": _POSITIVE_INT,
+    "layer_pattern": (
+        lambda v: isinstance(v, str) and v != "" and set(v.upper()) <= {"M", "A"},
+        "a non-empty string of 'M' (Mamba) and 'A' (attention)",
+    ),
+    "attn_ratio": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "mixer": (lambda v: isinstance(v, str) and v in MIXERS, f"one of {MIXERS}"),
+    "d_state": _POSITIVE_INT,
+    "d_conv": _POSITIVE_INT,
+    "expand": _POSITIVE_INT,
+    "head_dim": _POSITIVE_INT,
+    "n_groups": _POSITIVE_INT,
+    "chunk_size": _POSITIVE_INT,
+    "dt_rank": _POSITIVE_INT,
+    "dt_min": _POSITIVE_NUMBER,
+    "dt_max": _POSITIVE_NUMBER,
+    "n_heads": _POSITIVE_INT,
+    "n_kv_heads": _POSITIVE_INT,
+    "pos_encoding": (lambda v: isinstance(v, str) and v in POS_ENCODINGS, f"one of {POS_ENCODINGS}"),
+    "rope_theta": _POSITIVE_NUMBER,
+    "rope_scaling": (
+        lambda v: isinstance(v, dict) and v.get("type") in ROPE_SCALINGS,
+        f"a dict with 'type' in {ROPE_SCALINGS}",
+    ),
+    "sliding_window": _POSITIVE_INT,
+    "max_position_embeddings": _POSITIVE_INT,
+    "d_intermediate": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+    "tie_embeddings": (lambda v: isinstance(v, bool), "a bool (true or false)"),
+    "norm_eps": _POSITIVE_NUMBER,
+    "initializer_range": _POSITIVE_NUMBER,
+    "extra": (lambda v: isinstance(v, dict), "a dict"),
+}
+_OPTIONAL = {
+    "layer_pattern", "d_state", "dt_rank", "n_kv_heads", "rope_scaling", "sliding_window", "d_intermediate",
+}  # fmt: skip
+# rope_scaling entries besides "type" (the ones attention.rope_inv_freq reads), with their checks.
+_ROPE_SCALING_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "factor": (lambda v: _is_number(v) and v >= 1, "a number >= 1"),
+    "original_max_position_embeddings": _POSITIVE_NUMBER,
+    "beta_fast": _POSITIVE_NUMBER,
+    "beta_slow": _POSITIVE_NUMBER,
+}
 
 
 class ConfigError(ValueError):
@@ -61,14 +126,7 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self._check_positive("vocab_size", "d_model", "d_conv", "expand", "head_dim", "n_groups")
-        self._check_positive("chunk_size", "n_heads", "max_position_embeddings")
-        if self.mixer not in MIXERS:
-            raise ConfigError(f"ModelConfig.mixer: expected one of {MIXERS}, got {self.mixer!r}")
-        if self.pos_encoding not in POS_ENCODINGS:
-            raise ConfigError(
-                f"ModelConfig.pos_encoding: expected one of {POS_ENCODINGS}, got {self.pos_encoding!r}"
-            )
+        self._check_fields()
         self._resolve_layer_pattern()
         if self.d_state is None:
             self.d_state = 64 if self.mixer == "mamba2" else 16
@@ -78,11 +136,10 @@ class ModelConfig:
             self.n_kv_heads = self.n_heads
         if self.d_intermediate is None:
             self.d_intermediate = 64 * math.ceil(8 * self.d_model / 3 / 64)
-        self._check_positive("d_state", "dt_rank", "n_kv_heads")
-        if self.d_intermediate < 0:
-            raise ConfigError(f"ModelConfig.d_intermediate: expected >= 0, got {self.d_intermediate}")
-        if not 0 < self.dt_min <= self.dt_max:
-            raise ConfigError(f"ModelConfig.dt_min/dt_max: expected 0 < dt_min <= dt_max, got {self.dt_min}")
+        if not self.dt_min <= self.dt_max:
+            raise ConfigError(
+                f"ModelConfig.dt_min/dt_max: expected dt_min <= dt_max, got {self.dt_min} > {self.dt_max}"
+            )
         if self.mixer == "mamba2":
             if self.d_inner % self.head_dim:
                 raise ConfigError(
@@ -96,10 +153,6 @@ class ModelConfig:
                 )
         if "A" in self.layer_pattern:
             self._validate_attention()
-        if self.sliding_window is not None and self.sliding_window <= 0:
-            raise ConfigError(
-                f"ModelConfig.sliding_window: expected a positive int, got {self.sliding_window}"
-            )
 
     # ----------------------------------------------------------------- derived values
     @property
@@ -119,26 +172,35 @@ class ModelConfig:
         return [i for i, c in enumerate(self.layer_pattern) if c == "A"]
 
     # ----------------------------------------------------------------- validation helpers
-    def _check_positive(self, *names: str) -> None:
-        for name in names:
+    def _check_fields(self) -> None:
+        """The type and range of every field on its own, in declaration order."""
+        for name, (check, expected) in _FIELD_CHECKS.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"ModelConfig.{name}: expected a positive int, got {value!r}")
+            if name in _OPTIONAL:
+                if value is None:
+                    continue
+                expected += " or None"
+            if not check(value):
+                raise ConfigError(f"ModelConfig.{name}: expected {expected}, got {value!r}")
+        scaling = self.rope_scaling or {}
+        for key, (check, expected) in _ROPE_SCALING_CHECKS.items():
+            if key in scaling and not check(scaling[key]):
+                raise ConfigError(
+                    f"ModelConfig.rope_scaling.{key}: expected {expected}, got {scaling[key]!r}"
+                )
+        for name in TOKEN_ID_FIELDS:
+            value = getattr(self, name)
+            if value is not None and not (_is_int(value) and 0 <= value < self.vocab_size):
+                raise ConfigError(
+                    f"ModelConfig.{name}: expected an int in [0, vocab_size={self.vocab_size}) or None, "
+                    f"got {value!r}"
+                )
 
     def _resolve_layer_pattern(self) -> None:
-        if self.layer_pattern is not None:
-            pattern = str(self.layer_pattern).upper()
-            if not pattern or set(pattern) - {"M", "A"}:
-                raise ConfigError(
-                    f"ModelConfig.layer_pattern: expected a non-empty string of 'M' (Mamba) and 'A' "
-                    f"(attention), got {self.layer_pattern!r}"
-                )
-            self.layer_pattern = pattern
-            self.n_layers = len(pattern)
+        if self.layer_pattern is not None:  # its characters are checked in _check_fields
+            self.layer_pattern = self.layer_pattern.upper()
+            self.n_layers = len(self.layer_pattern)
             return
-        self._check_positive("n_layers")
-        if not 0.0 <= self.attn_ratio <= 1.0:
-            raise ConfigError(f"ModelConfig.attn_ratio: expected a value in [0, 1], got {self.attn_ratio}")
         n_attn = round(self.attn_ratio * self.n_layers)
         if self.attn_ratio > 0 and n_attn == 0:
             n_attn = 1
@@ -160,16 +222,6 @@ class ModelConfig:
             raise ConfigError(
                 f"ModelConfig.n_heads: RoPE needs an even head size, got d_model/n_heads={self.attn_head_dim}"
             )
-        if self.rope_scaling is not None:
-            kind = self.rope_scaling.get("type") if isinstance(self.rope_scaling, dict) else None
-            if kind not in ROPE_SCALINGS:
-                raise ConfigError(
-                    f"ModelConfig.rope_scaling: expected a dict with 'type' in {ROPE_SCALINGS}, got "
-                    f"{self.rope_scaling!r}"
-                )
-            factor = self.rope_scaling.get("factor", 1.0)
-            if not isinstance(factor, (int, float)) or factor < 1.0:
-                raise ConfigError(f"ModelConfig.rope_scaling.factor: expected a number >= 1, got {factor!r}")
 
     # ----------------------------------------------------------------- presets and I/O
     @classmethod

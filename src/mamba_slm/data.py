@@ -13,6 +13,7 @@ Milton's works from the same archive are its validation split.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import subprocess
 import sys
@@ -45,6 +46,21 @@ class DataSpec:
     streaming: bool = False
     seed: int = 0
     num_proc: int | None = None
+
+    def __post_init__(self) -> None:
+        # checked here rather than in the CLI so library callers get the same one-line error
+        # instead of a ValueError from deep inside `datasets`
+        if not 0 < self.validation_split < 1:
+            raise DataError(f"--validation-split: expected a fraction in (0, 1), got {self.validation_split}")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise DataError(f"--max-samples: expected a positive number of samples, got {self.max_samples}")
+        check_num_proc(self.num_proc)
+
+
+def check_num_proc(num_proc: int | None) -> None:
+    """`datasets.map` rejects negative counts with a traceback and reads 0 as 'no workers'."""
+    if num_proc is not None and num_proc < 1:
+        raise DataError(f"--num-proc: expected a positive number of processes, got {num_proc}")
 
 
 def cache_dir() -> Path:
@@ -124,6 +140,68 @@ def local_files(spec: str) -> list[Path]:
     return files
 
 
+def is_saved_dataset(path: Path) -> bool:
+    """A folder written by `save_to_disk` (what `mamba-slm data prepare` writes): its JSON files are
+    metadata, not text, so it is loaded whole with `load_from_disk` rather than file by file."""
+    return path.is_dir() and any((path / f).is_file() for f in ("dataset_dict.json", "state.json"))
+
+
+def _load_saved(spec: DataSpec, origin: str):
+    """Train (and validation, when the saved DatasetDict has one) from a `save_to_disk` folder."""
+    import datasets
+
+    try:
+        saved = datasets.load_from_disk(str(Path(spec.dataset).expanduser()))
+    except Exception as e:  # a folder that only looks like a saved dataset, or a damaged one
+        raise DataError(f"{origin}: could not read the saved dataset ({_reason(e)})") from None
+    train, validation = saved, None
+    if isinstance(saved, datasets.DatasetDict):
+        if spec.split not in saved:
+            raise DataError(f"{origin}: no split {spec.split!r} (splits: {list(saved)}); pass --split")
+        train = saved[spec.split]
+        validation = saved.get("validation") if spec.split != "validation" else None
+    for part in (train, validation):
+        if part is not None and spec.text_field not in part.column_names:
+            raise DataError(
+                f"{origin}: no field {spec.text_field!r} (fields: {part.column_names}); pass --text-field"
+            )
+    return train, validation
+
+
+def _reason(e: BaseException) -> str:
+    """'Type: first line' of the error that explains a failure: `datasets` wraps the real one (a
+    decode error, a bad JSON line) in a DatasetGenerationError that says nothing, and some errors
+    (StopIteration from an empty JSON file) have no message at all."""
+    from datasets.exceptions import DatasetGenerationError
+
+    while isinstance(e, DatasetGenerationError) and (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+
+
+def _undecodable(files: list[Path]) -> Path | None:
+    """The first file that is not UTF-8 (only looked for once reading failed, to name the file)."""
+    for f in files:
+        try:
+            with open(f, encoding="utf-8") as text:
+                while text.read(1 << 20):
+                    pass
+        except UnicodeDecodeError:
+            return f
+    return None
+
+
+def _read_error(e: Exception, files: list[Path], fmt: str, origin: str) -> DataError:
+    reason = _reason(e)
+    if "corresponds to no data" in reason:  # datasets' words for files of blank lines or a bare CSV header
+        return DataError(f"{origin}: no rows in it (only blank lines or a header)")
+    if not reason.startswith("UnicodeDecodeError"):
+        return DataError(f"{origin}: could not read ({reason})")
+    bad = _undecodable(files) if len(files) > 1 and fmt != "parquet" else None
+    return DataError(f"{bad or origin}: could not read ({reason}); expected UTF-8 text")
+
+
 def _load_local(files: list[Path], spec: DataSpec, origin: str):
     import datasets
 
@@ -134,13 +212,17 @@ def _load_local(files: list[Path], spec: DataSpec, origin: str):
     if len(formats) > 1:
         raise DataError(f"{origin}: mixes file types {sorted(formats)}; use one type per dataset")
     fmt = formats.pop()
+    # an empty file holds no text; `datasets` fails on one with a message-less error, so skip it
+    if not (non_empty := [f for f in files if f.stat().st_size > 0]):
+        raise DataError(
+            f"{origin}: the file is empty" if len(files) == 1 else f"{origin}: every file is empty"
+        )
+    files = non_empty
     kwargs = {"sample_by": "paragraph"} if fmt == "text" else {}
     try:
         ds = datasets.load_dataset(fmt, data_files=[str(f) for f in files], split="train", **kwargs)
     except Exception as e:  # datasets raises many types for unreadable files
-        raise DataError(
-            f"{origin}: could not read ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-        ) from None
+        raise _read_error(e, files, fmt, origin) from None
     if spec.text_field not in ds.column_names:
         raise DataError(
             f"{origin}: no field {spec.text_field!r} (fields: {ds.column_names}); pass --text-field"
@@ -159,6 +241,9 @@ def load_corpus(spec: DataSpec):
         train = _load_local(train_files, DataSpec(text_field="text"), name)
         validation = _load_local(val_files, DataSpec(text_field="text"), name)
         text_field = "text"
+    elif is_saved_dataset(Path(name).expanduser()):
+        train, validation = _load_saved(spec, name)
+        text_field = spec.text_field
     elif files := local_files(name):
         train = _load_local(files, spec, name)
         text_field = spec.text_field
@@ -168,11 +253,10 @@ def load_corpus(spec: DataSpec):
         train, validation = _load_hub(spec)
         text_field = spec.text_field
     if isinstance(train, datasets.IterableDataset):  # --streaming from the hub: nothing is downloaded whole
-        train = train.select_columns([text_field]).filter(
-            lambda row: bool(row[text_field] and row[text_field].strip())
-        )
+        train = train.select_columns([text_field])
         if text_field != "text":
             train = train.rename_column(text_field, "text")
+        train = train.filter(_text_filter(text_field, name), with_indices=True, batched=True)
         if spec.max_samples is not None:
             train = train.take(spec.max_samples)
         held_out = max(
@@ -189,7 +273,13 @@ def load_corpus(spec: DataSpec):
             raise DataError(
                 f"{name}: {len(train)} non-empty sample(s); need at least 2 to split off validation"
             )
-        parts = train.train_test_split(test_size=spec.validation_split, seed=spec.seed, shuffle=True)
+        n_val = math.ceil(spec.validation_split * len(train))  # as `datasets` rounds: at least one
+        if n_val >= len(train):
+            raise DataError(
+                f"{name}: --validation-split {spec.validation_split} of {len(train)} samples leaves none"
+                " to train on; lower it or add data"
+            )
+        parts = train.train_test_split(test_size=n_val, seed=spec.seed, shuffle=True)
         train, validation = parts["train"], parts["test"]
     else:
         validation = _only_text(validation, text_field, name)
@@ -200,10 +290,26 @@ def _only_text(ds, field: str, origin: str):
     ds = ds.select_columns([field])
     if field != "text":
         ds = ds.rename_column(field, "text")
-    ds = ds.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]], batched=True)
+    ds = ds.filter(_text_filter(field, origin), with_indices=True, batched=True)
     if len(ds) == 0:
         raise DataError(f"{origin}: the corpus is empty (no non-blank text in field {field!r})")
     return ds
+
+
+def _text_filter(field: str, origin: str):
+    """A batched `filter` that keeps non-blank strings. None counts as blank; a number, list or dict
+    means --text-field names the wrong column, which is reported with its row instead of crashing."""
+
+    def keep(batch: dict, indices: list[int]) -> list[bool]:
+        for text, i in zip(batch["text"], indices, strict=True):
+            if text is not None and not isinstance(text, str):
+                raise DataError(
+                    f"{origin}: field {field!r} holds {type(text).__name__} values (row {i + 1}),"
+                    " expected strings"
+                )
+        return [bool(text and text.strip()) for text in batch["text"]]
+
+    return keep
 
 
 def _load_hub(spec: DataSpec):
@@ -215,9 +321,8 @@ def _load_hub(spec: DataSpec):
             spec.dataset, spec.dataset_config, split=spec.split, streaming=spec.streaming
         )
     except Exception as e:  # offline, unknown id, missing config
-        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise DataError(
-            f"{spec.dataset}: not a local path, and loading it from the hub failed ({first})"
+            f"{spec.dataset}: not a local path, and loading it from the hub failed ({_reason(e)})"
         ) from None
     validation = None
     if not spec.streaming and spec.split == "train":
@@ -251,6 +356,7 @@ def tokenize_and_pack(split, tokenizer, block_size: int, num_proc: int | None = 
     """A `datasets.Dataset` of packed `input_ids` blocks, in corpus order (deterministic)."""
     import datasets
 
+    check_num_proc(num_proc)
     if tokenizer.eos_token_id is None:
         raise DataError("tokenizer: it has no EOS token, which separates packed documents")
     if isinstance(split, datasets.IterableDataset):  # streaming: tokenize as the rows arrive

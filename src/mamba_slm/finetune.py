@@ -76,6 +76,9 @@ class FinetuneArgs:
     chat: bool = False  # conversations with loss on assistant tokens only
     tokenizer: str | None = None  # default: the base directory's tokenizer
     text_field: str = "text"
+    dataset_config: str | None = None  # text data from the hub: its configuration, split, streaming
+    split: str = "train"
+    streaming: bool = False
     max_samples: int | None = None
     validation_split: float = 0.1
     max_length: int = 512  # tokens per conversation (truncated) or per packed text block
@@ -98,6 +101,8 @@ class FinetuneArgs:
             raise FinetuneError(f"--lora-dropout: expected a value in [0, 1), got {self.lora_dropout}")
         if self.max_length < 2:
             raise FinetuneError(f"--max-length: expected at least 2, got {self.max_length}")
+        if self.chat and (self.dataset_config or self.split != "train" or self.streaming):
+            raise FinetuneError("--dataset-config, --split and --streaming are for text data, not --chat")
         if self.train_embeddings and not self.use_lora:
             raise FinetuneError("--train-embeddings: only with --use-lora/--qlora (full fine-tuning trains them anyway)")  # fmt: skip
         if self.merge and not self.use_lora:
@@ -313,12 +318,6 @@ class AdapterTrainer(Trainer):
         if result.unexpected_keys:
             raise CheckpointError(f"{ckpt}: adapter keys do not match this model ({result.unexpected_keys[:2]})")  # fmt: skip
 
-    def _save_model(self, path: Path) -> None:
-        if self.accelerator.is_main_process:
-            save_adapter(self.peft_model, path, self.adapter_meta)
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(path)
-
 
 def load_examples(args: FinetuneArgs, tokenizer) -> tuple[list, list]:
     """(train, held-out) examples: (input_ids, labels) conversations with --chat, else packed text blocks."""
@@ -330,10 +329,21 @@ def load_examples(args: FinetuneArgs, tokenizer) -> tuple[list, list]:
         return tuple(tokenize_conversations(part, tokenizer, args.max_length) for part in (train, val))
     from .data import DataSpec, load_corpus, tokenize_and_pack
 
-    spec = DataSpec(dataset=args.dataset or "shakespeare", text_field=args.text_field, max_samples=args.max_samples,
-                    validation_split=args.validation_split, seed=args.train.seed)  # fmt: skip
+    spec = DataSpec(dataset=args.dataset or "shakespeare", dataset_config=args.dataset_config, split=args.split,
+                    text_field=args.text_field, max_samples=args.max_samples, validation_split=args.validation_split,
+                    streaming=args.streaming, seed=args.train.seed)  # fmt: skip
     corpus = load_corpus(spec)
     return tuple(tokenize_and_pack(corpus[s], tokenizer, args.max_length)["input_ids"] for s in ("train", "validation"))  # fmt: skip
+
+
+def chat_generation_config(config, tokenizer, chat: bool) -> dict[str, Any]:
+    """generation_config.json's defaults; a chat model's reply also ends at the end-of-turn token."""
+    generation = generation_config_json(config)
+    end = tokenizer.convert_tokens_to_ids("<|end|>") if chat else None
+    if isinstance(end, int) and end != tokenizer.unk_token_id:
+        eos = generation.get("eos_token_id")
+        generation["eos_token_id"] = [eos, end] if eos is not None and eos != end else end
+    return generation
 
 
 def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
@@ -373,6 +383,11 @@ def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
         trainer: Trainer = AdapterTrainer(peft_model, meta, core, train_ex, val_ex, train_args, pad_id, tokenizer)  # fmt: skip
     else:
         trainer = Trainer(core, train_ex, val_ex, train_args, pad_id, tokenizer)
+    # training_args.json, in the output and every checkpoint: the loop's settings plus ours (`chat`
+    # marks a chat-tuned model for `chat`/`generate`); a chat model's generation stops at a turn's end
+    recorded = {**asdict(train_args), **{k: v for k, v in asdict(args).items() if k != "train"}, "base": base_path}  # fmt: skip
+    trainer.recorded_args = recorded
+    trainer.generation_config = chat_generation_config(core.config, tokenizer, args.chat)
     trainable = core.num_parameters(trainable_only=True)
     lora_parameters = sum(p.numel() for n, p in core.named_parameters() if "lora_" in n)
     total = base_parameters + lora_parameters
@@ -386,18 +401,11 @@ def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
     train_seconds = time.perf_counter() - train_start
     after = trainer.evaluate() if val_ex else None
     out = Path(train_args.output_dir)
-    # training_args.json: the loop's settings plus ours (`chat` marks a chat-tuned model for `chat`/`generate`)
-    recorded = {**asdict(train_args), **{k: v for k, v in asdict(args).items() if k != "train"}, "base": base_path}  # fmt: skip
     merged_dir = None
     if args.merge and trainer.accelerator.is_main_process:
         merged_dir = out / "merged"
         merged = load_model_with_adapter(base_path, out)
-        generation = generation_config_json(merged.config)
-        end = tokenizer.convert_tokens_to_ids("<|end|>") if args.chat else None
-        if isinstance(end, int) and end != tokenizer.unk_token_id:  # a chat reply ends with its turn
-            eos = generation.get("eos_token_id")
-            generation["eos_token_id"] = [eos, end] if eos is not None else end
-        save_model(merged, merged_dir, generation)
+        save_model(merged, merged_dir, chat_generation_config(merged.config, tokenizer, args.chat))
         tokenizer.save_pretrained(merged_dir)
         atomic_write_json(merged_dir / "training_args.json", recorded)
     summary = {

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .model.hybrid import HybridLM
 from .model.linear import MAX_ROWS
-from .search import beam_search, contrastive_steps
+from .search import RepetitionPenalty, beam_search, contrastive_steps
 
 KV_ROOM = 1024  # new tokens the first KV allocation holds beyond the prompt
 GPU_ROWS = 256  # default rows of a batch on a GPU: enough to fill it for small models, bounded memory
@@ -82,6 +82,11 @@ class GenerationConfig:
             raise GenerationError("penalty_alpha: contrastive search and beam search cannot be combined")
         if self.penalty_alpha > 0 and self.top_k < 2:
             raise GenerationError(f"top_k: contrastive search needs at least 2 candidates, got {self.top_k}")
+        if self.penalty_alpha > 0 and self.num_return_sequences > 1:
+            raise GenerationError(
+                "num_return_sequences: contrastive search is deterministic, one sequence per prompt; "
+                f"got {self.num_return_sequences}"
+            )
         self.stop_token_ids = tuple(self.stop_token_ids)
         self.stop_strings = tuple(s for s in self.stop_strings if s)
 
@@ -129,12 +134,6 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0, min_p: flo
     return logits
 
 
-def penalize_repetition(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
-    """CTRL's repetition penalty: divide positive logits of seen tokens by `penalty`, multiply negative ones."""
-    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalized, logits)
-
-
 def next_tokens(logits: Tensor, config: GenerationConfig, generator: torch.Generator | None) -> Tensor:
     """(rows, vocab) logits -> (rows,) next tokens: argmax, or a draw from the filtered distribution."""
     if config.temperature == 0:
@@ -162,18 +161,45 @@ class _Row:
     stop_at: int | None = None  # character index where a stop string starts
 
 
+class _Stops:
+    """A config's stop token ids and stop strings, applied to one row's new tokens."""
+
+    def __init__(self, config: GenerationConfig, tokenizer) -> None:
+        self.ids = set(config.stop_ids)
+        self.strings = config.stop_strings
+        if self.strings and tokenizer is None:
+            raise GenerationError("stop_strings: need a tokenizer to decode the text")
+        self.tokenizer = tokenizer
+        # Enough tokens to hold the longest stop string even at one byte per token, plus a partial char.
+        self.tail = max((len(s.encode()) for s in self.strings), default=0) + 4
+
+    def hits_string(self, tokens: list[int]) -> bool:
+        """Whether the text of the last tokens holds a stop string (only the tail is decoded)."""
+        tail = self.tokenizer.decode(tokens[-self.tail :], skip_special_tokens=True)
+        return any(s in tail for s in self.strings)
+
+    def cut(self, tokens: list[int]) -> tuple[list[int], str | None, bool]:
+        """(tokens, text, whether a stop string cut them). The text leaves out a final stop token
+        (kept in tokens, as transformers does) and ends before the first stop string, whose
+        tokens are dropped."""
+        if self.tokenizer is None:
+            return tokens, None, False
+        shown = tokens[:-1] if tokens and tokens[-1] in self.ids else tokens
+        text = self.tokenizer.decode(shown, skip_special_tokens=True)
+        cut = min((k for k in (text.find(s) for s in self.strings) if k >= 0), default=-1)
+        if cut < 0:
+            return tokens, text, False
+        while tokens and len(self.tokenizer.decode(tokens, skip_special_tokens=True)) > cut:
+            tokens = tokens[:-1]
+        return tokens, text[:cut], True
+
+
 class _Collector:
     """Applies stop ids, stop strings and cancellation to a stream of (rows,) next-token tensors."""
 
     def __init__(self, rows: int, config: GenerationConfig, tokenizer) -> None:
         self.rows = [_Row() for _ in range(rows)]
-        self.stop_ids = set(config.stop_ids)
-        self.stop_strings = config.stop_strings
-        if self.stop_strings and tokenizer is None:
-            raise GenerationError("stop_strings: need a tokenizer to decode the text")
-        self.tokenizer = tokenizer
-        # Enough tokens to hold the longest stop string even at one byte per token, plus a partial char.
-        self.tail = max((len(s.encode()) for s in self.stop_strings), default=0) + 4
+        self.stops = _Stops(config, tokenizer)
         self.active = list(range(rows))
 
     def add(self, step_tokens: Tensor) -> bool:
@@ -183,16 +209,12 @@ class _Collector:
         for i in self.active:
             row, token = self.rows[i], values[i]
             row.tokens.append(token)
-            if token in self.stop_ids or (self.stop_strings and self._hits_stop_string(row)):
+            if token in self.stops.ids or (self.stops.strings and self.stops.hits_string(row.tokens)):
                 row.finish_reason = "stop"
             else:
                 still.append(i)
         self.active = still
         return not still
-
-    def _hits_stop_string(self, row: _Row) -> bool:
-        tail = self.tokenizer.decode(row.tokens[-self.tail :], skip_special_tokens=True)
-        return any(s in tail for s in self.stop_strings)
 
     def finish(self, reason: str) -> None:
         for i in self.active:
@@ -201,14 +223,7 @@ class _Collector:
 
     def completion(self, i: int) -> Completion:
         row = self.rows[i]
-        tokens, text = row.tokens, None
-        if self.tokenizer is not None:
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            cut = min((k for k in (text.find(s) for s in self.stop_strings) if k >= 0), default=-1)
-            if cut >= 0:  # drop the stop string and the tokens that carry it
-                text = text[:cut]
-                while tokens and len(self.tokenizer.decode(tokens, skip_special_tokens=True)) > cut:
-                    tokens = tokens[:-1]
+        tokens, text, _ = self.stops.cut(row.tokens)
         return Completion(list(tokens), text, row.finish_reason or "length")
 
 
@@ -405,49 +420,53 @@ class Engine:
         generator = None
         if config.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(config.seed)
-        seen = None
-        if config.repetition_penalty != 1.0:
-            # Count, then compare: a scatter of booleans would let a padding slot overwrite a real
-            # occurrence of the same id (duplicate indices in one scatter have no defined order).
-            seen = (
-                torch.zeros(logits.shape, dtype=torch.long, device=self.device).scatter_add_(1, tokens, mask)
-                > 0
-            )
+        penalty = self._repetition_penalty(config, tokens, mask, logits.shape[-1])
         step_input = torch.empty(logits.shape[0], 1, dtype=torch.long, device=self.device)
         for step in range(config.max_new_tokens):
-            if seen is not None:
-                logits = penalize_repetition(logits, seen, config.repetition_penalty)
+            if penalty is not None:
+                logits = penalty(logits)
             nxt = next_tokens(logits, config, generator)
             yield nxt
             if step + 1 == config.max_new_tokens:
                 return
-            if seen is not None:
-                seen.scatter_(1, nxt[:, None], True)
+            if penalty is not None:
+                penalty.add(nxt)
             step_input[:, 0] = nxt
             logits = self.model(step_input, cache=cache).logits[:, -1].float()
 
     def _contrastive_steps(self, ids: list[list[int]], config: GenerationConfig) -> Iterator[Tensor]:
-        logits, cache, hidden, _, mask = self._prefill(ids, config, hidden=True)
-        return contrastive_steps(
-            self.model, logits, cache, hidden, mask, config.top_k, config.penalty_alpha, config.max_new_tokens
-        )
+        logits, cache, hidden, tokens, mask = self._prefill(ids, config, hidden=True)
+        penalty = self._repetition_penalty(config, tokens, mask, logits.shape[-1])
+        return contrastive_steps(self.model, logits, cache, hidden, mask, config.top_k, config.penalty_alpha,
+                                 config.max_new_tokens, penalty)  # fmt: skip
+
+    @staticmethod
+    def _repetition_penalty(
+        config: GenerationConfig, tokens: Tensor, mask: Tensor, vocab: int
+    ) -> RepetitionPenalty | None:
+        if config.repetition_penalty == 1.0:
+            return None
+        return RepetitionPenalty(tokens, mask, vocab, config.repetition_penalty)
 
     def beam_search(
         self, ids: list[list[int]], config: GenerationConfig, cancel: threading.Event | None = None
     ) -> list[Completion]:
         """Per prompt, its num_return_sequences best beam hypotheses, best first."""
-        stop = set(config.stop_ids)
+        stops = _Stops(config, self.tokenizer)
         with _evaluating(self.model):
-            logits, cache, _, _, _ = self._prefill(ids, config)
-            finished = beam_search(self.model, logits, cache, config.num_beams, config.max_new_tokens, stop,
-                                   config.length_penalty, config.early_stopping, self.pad_id, cancel)  # fmt: skip
+            logits, cache, _, tokens, mask = self._prefill(ids, config)
+            penalty = self._repetition_penalty(config, tokens, mask, logits.shape[-1])
+            hits = stops.hits_string if stops.strings else None
+            finished = beam_search(self.model, logits, cache, config.num_beams, config.max_new_tokens, stops.ids,
+                                   config.length_penalty, config.early_stopping, self.pad_id, cancel, penalty,
+                                   hits)  # fmt: skip
         cut_short = "cancelled" if cancel is not None and cancel.is_set() else "length"
         out = []
         for b, hyps in enumerate(finished):
             for score, seq in sorted(hyps, key=lambda h: -h[0])[: config.num_return_sequences]:
-                text = self.tokenizer.decode(seq, skip_special_tokens=True) if self.tokenizer else None
-                reason = "stop" if seq and seq[-1] in stop else cut_short
-                out.append(Completion(seq, text, reason, b, score, len(ids[b])))
+                shown, text, cut = stops.cut(seq)
+                reason = "stop" if cut or (seq and seq[-1] in stops.ids) else cut_short
+                out.append(Completion(shown, text, reason, b, score, len(ids[b])))
         return out
 
 
@@ -512,16 +531,16 @@ class _IncrementalText:
 
 
 def _held_back(text: str, stop_strings: tuple[str, ...]) -> int:
-    """How many trailing characters to hold back: a partial UTF-8 character, or a possible stop-string start."""
-    if text.endswith("\ufffd"):
-        return len(text) - len(text.rstrip("\ufffd"))
+    """How many trailing characters to hold back: a partial UTF-8 character (U+FFFD), and before it
+    a possible stop-string start (the partial character may be the stop string's next one)."""
+    whole = text.rstrip("\ufffd")
     hold = 0
     for s in stop_strings:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
+        for k in range(min(len(s) - 1, len(whole)), 0, -1):
+            if whole.endswith(s[:k]):
                 hold = max(hold, k)
                 break
-    return hold
+    return len(text) - len(whole) + hold
 
 
 def generate(

@@ -9,9 +9,12 @@ Choices:
   * A checkpoint (`checkpoint-N/`: model, optimizer, scheduler, RNG, position, log) is written
     to a temporary directory and renamed into place, so a crash (even `kill -9`) leaves the
     previous checkpoint intact; only the last `save_total_limit` are kept.
+  * An output directory holds one run: a fresh run refuses a directory with an earlier run's
+    checkpoints (they would be pruned in its place, and a later `--resume` would pick the other
+    run's), unless told to delete them; `--resume` refuses flags that change the data order.
   * The loss is computed without materialising the logits (`return_logits=False`).
   * An example is a token block or an (input_ids, labels) pair (chat SFT), right-padded; the
-    `_save_weights` / `_load_weights` / `_save_model` hooks let fine-tuning save a PEFT adapter.
+    `_save_weights` / `_load_weights` hooks let fine-tuning save a PEFT adapter.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ class TrainArgs:
     save_total_limit: int = 2
     seed: int = 0
     resume: bool = False
+    overwrite_output_dir: bool = False  # a fresh run may delete an earlier run's checkpoints
     compile: bool = False
     fsdp: bool = False  # shard parameters, gradients and optimizer state across processes
     show_progress: bool = True
@@ -136,9 +140,25 @@ def collate_examples(examples: list[Example], pad_id: int) -> tuple[torch.Tensor
     return ids, mask, labels
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
+def checkpoints(output_dir: Path) -> list[Path]:
+    """The `checkpoint-N` directories, oldest (lowest N) first."""
     found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    found = checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def first_line(error: BaseException) -> str:
+    """`Type: first line of the message`, short enough for a one-line error."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:160]}" if lines else type(error).__name__
+
+
+# Flags that decide which batches a step sees: a resumed run must keep them to continue exactly.
+DATA_ORDER_FLAGS = ("batch_size", "gradient_accumulation_steps", "seed")
 
 
 class Trainer:
@@ -151,6 +171,10 @@ class Trainer:
         tune_cpu_allocator()
         AcceleratorState._reset_state()  # a process may run several trainers (mixed precision differs)
         self.args, self.tokenizer, self.pad_id = args, tokenizer, pad_id
+        # What every saved model directory records (training_args.json) and its generation defaults;
+        # fine-tuning adds its own settings (e.g. `chat`, which `generate` and `chat` read).
+        self.recorded_args: dict[str, Any] = asdict(args)
+        self.generation_config: dict[str, Any] | None = None
         self.output_dir = Path(args.output_dir)
         self._check_output_dir()
         plugin = None
@@ -213,12 +237,28 @@ class Trainer:
             ) from None
         if not os.access(self.output_dir, os.W_OK):
             raise TrainError(f"{self.output_dir}: the output directory is not writable")
+        earlier = latest_checkpoint(self.output_dir)
+        if earlier is not None and not (self.args.resume or self.args.overwrite_output_dir):
+            raise TrainError(
+                f"{self.output_dir}: holds {earlier.name} of an earlier run; pass --resume to continue it, "
+                "--overwrite-output-dir to delete its checkpoints and start over, or another --output-dir"
+            )
+
+    def _start_fresh(self) -> None:
+        """Clear what an earlier run left that this one would otherwise mix with its own."""
+        if not self.accelerator.is_main_process:
+            return
+        for old in [*checkpoints(self.output_dir), self.output_dir / "best"]:
+            shutil.rmtree(old, ignore_errors=True)
+        (self.output_dir / "training_log.jsonl").unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ loop
     def train(self) -> dict[str, Any]:
         args, acc = self.args, self.accelerator
         if args.resume:
             self._resume()
+        else:
+            self._start_fresh()
         from tqdm.auto import tqdm
 
         bar = tqdm(
@@ -227,7 +267,10 @@ class Trainer:
             disable=not (args.show_progress and acc.is_main_process),
         )
         self.model.train()
-        window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+        # The losses of the steps since the last log line travel in checkpoints, so a run resumed
+        # mid-window logs the mean an uninterrupted run would have.
+        window = self.state.setdefault("log_window", {"loss": 0.0, "steps": 0})
+        window_tokens, window_start = 0, time.perf_counter()
         while self.state["step"] < self.total_steps:
             loss_sum, tokens = 0.0, 0
             for _ in range(args.gradient_accumulation_steps):
@@ -244,19 +287,20 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.state["step"] += 1
             step = self.state["step"]
-            window_loss += loss_sum
+            window["loss"] += loss_sum
+            window["steps"] += 1
             window_tokens += tokens * acc.num_processes
             bar.update(1)
             if step % args.logging_steps == 0 or step == self.total_steps:
                 elapsed = time.perf_counter() - window_start
-                n = args.logging_steps if step % args.logging_steps == 0 else step % args.logging_steps
-                entry = {"step": step, "loss": window_loss / n, "lr": self.scheduler.get_last_lr()[0],
+                entry = {"step": step, "loss": window["loss"] / window["steps"], "lr": self.scheduler.get_last_lr()[0],
                          "tokens_per_s": window_tokens / max(elapsed, 1e-9)}  # fmt: skip
                 self._log(entry)
                 bar.set_postfix(
                     loss=f"{entry['loss']:.4f}", lr=f"{entry['lr']:.2e}", tok_s=f"{entry['tokens_per_s']:.0f}"
                 )
-                window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+                window.update(loss=0.0, steps=0)
+                window_tokens, window_start = 0, time.perf_counter()
             stop = False
             if args.eval_steps and (step % args.eval_steps == 0 or step == self.total_steps):
                 stop = self._evaluate_and_track()
@@ -310,7 +354,7 @@ class Trainer:
         if best is None or val < best:
             self.state["best_val_loss"], self.state["bad_evals"] = val, 0
             if self.args.early_stopping_patience is not None:
-                self._save_model(self.output_dir / "best")
+                self._save_output(self.output_dir / "best")
             return False
         self.state["bad_evals"] += 1
         patience = self.args.early_stopping_patience
@@ -347,17 +391,18 @@ class Trainer:
         tmp = self.output_dir / f".tmp-{final.name}"
         shutil.rmtree(tmp, ignore_errors=True)
         self._save_weights(tmp)
+        self._save_tokenizer_and_args(tmp)  # a checkpoint also loads as a model for generate/chat
         torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, tmp / "rng.pt")
         atomic_write_json(tmp / "trainer_state.json", {"state": self.state, "scheduler": self.scheduler.state_dict(),
-                                                       "log": self.log, "args": asdict(self.args)})  # fmt: skip
+                                                       "log": self.log, "args": asdict(self.args),
+                                                       "world": acc.num_processes})  # fmt: skip
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)  # a checkpoint directory exists only once complete
-        kept = sorted(self.output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-        for old in kept[: -self.args.save_total_limit]:
+        for old in checkpoints(self.output_dir)[: -self.args.save_total_limit]:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
@@ -368,43 +413,76 @@ class Trainer:
                 f"{self.output_dir}: --resume, but there is no checkpoint-N directory to resume from"
             )
         try:
+            meta = json.loads((ckpt / "trainer_state.json").read_text())
+            scheduler, state, log = meta["scheduler"], meta["state"], meta["log"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise TrainError(f"{ckpt}: corrupt checkpoint (trainer_state.json: {first_line(e)})") from None
+        self._check_same_data_order(ckpt, meta)
+        try:
             self._load_weights(ckpt)
             self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
             rng = torch.load(ckpt / "rng.pt", weights_only=True)
-            meta = json.loads((ckpt / "trainer_state.json").read_text())
-        except (OSError, ValueError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as e:
+            torch.set_rng_state(rng["torch"])
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError, IndexError, EOFError,
+                pickle.UnpicklingError) as e:  # fmt: skip
+            if isinstance(e, TrainError):
+                raise
             if isinstance(e, CheckpointError):
                 raise TrainError(f"{ckpt}: corrupt checkpoint ({e})") from None
-            raise TrainError(
-                f"{ckpt}: corrupt checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
-            ) from None
-        torch.set_rng_state(rng["torch"])
+            raise TrainError(f"{ckpt}: corrupt checkpoint ({first_line(e)})") from None
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-        self.scheduler.load_state_dict(meta["scheduler"])
-        self.state, self.log = meta["state"], meta["log"]
+        self.scheduler.load_state_dict(scheduler)
+        self.state, self.log = state, log
         log_file = self.output_dir / "training_log.jsonl"
         if self.accelerator.is_main_process:  # drop lines written after the checkpoint
             log_file.write_text("".join(json.dumps(e) + "\n" for e in self.log))
 
     def _save_weights(self, path: Path) -> None:
-        save_model(self.core, path)
+        save_model(self.core, path, self.generation_config)
+
+    def _check_same_data_order(self, ckpt: Path, meta: dict[str, Any]) -> None:
+        saved = meta.get("args") or {}
+        world = meta.get("world", self.accelerator.num_processes)  # older checkpoints did not record it
+        changed = [
+            f"--{name.replace('_', '-')} {saved[name]} (this run: {getattr(self.args, name)})"
+            for name in DATA_ORDER_FLAGS
+            if name in saved and saved[name] != getattr(self.args, name)
+        ]
+        if world != self.accelerator.num_processes:
+            changed.append(f"{world} processes (this run: {self.accelerator.num_processes})")
+        if changed:
+            raise TrainError(
+                f"{ckpt}: written with {', '.join(changed)}; resume with the same values, "
+                "which decide the batches each step sees"
+            )
 
     def _load_weights(self, ckpt: Path) -> None:
-        self.core.load_state_dict(load_model(ckpt).state_dict())
+        saved = load_model(ckpt)
+        theirs, ours = saved.config.to_dict(), self.core.config.to_dict()
+        differ = [f"{k} {theirs[k]!r} (this run: {ours[k]!r})" for k in ours if theirs.get(k) != ours[k]]
+        if differ:
+            raise TrainError(
+                f"{ckpt}: a different model, {'; '.join(differ[:4])}; resume with the same model flags"
+            )
+        self.core.load_state_dict(saved.state_dict())
 
     # ------------------------------------------------------------------ output
-    def _save_model(self, path: Path) -> None:
+    def _save_tokenizer_and_args(self, path: Path) -> None:
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(path)
+        atomic_write_json(path / "training_args.json", self.recorded_args)
+
+    def _save_output(self, path: Path) -> None:
+        """A model directory (`best/`, the final one) that loads and generates as the run meant."""
         if self.accelerator.is_main_process:
-            save_model(self.core, path)
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(path)
+            self._save_weights(path)
+            self._save_tokenizer_and_args(path)
 
     def _finish(self) -> dict[str, Any]:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            self._save_model(self.output_dir)
-            atomic_write_json(self.output_dir / "training_args.json", asdict(self.args))
+            self._save_output(self.output_dir)
             plot_losses(self.log, self.output_dir / "loss_curve.png")
         return {"step": self.state["step"], "best_val_loss": self.state["best_val_loss"], "log": self.log}
 
