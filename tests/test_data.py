@@ -22,6 +22,14 @@ def test_txt_file_and_split(tmp_path):
     assert corpus["train"].column_names == ["text"]
 
 
+def test_a_txt_file_without_blank_lines_gives_one_sample_per_line(tmp_path):
+    path = tmp_path / "lines.txt"
+    path.write_text("".join(f"Sentence number {i} of the file.\n" for i in range(20)))
+    corpus = load_corpus(DataSpec(dataset=str(path), validation_split=0.25))
+    assert (len(corpus["train"]), len(corpus["validation"])) == (15, 5)
+    assert all(t.startswith("Sentence number") for t in corpus["train"]["text"])
+
+
 def test_jsonl_with_text_field_and_max_samples(tmp_path):
     path = tmp_path / "c.jsonl"
     path.write_text("\n".join(json.dumps({"body": t, "id": i}) for i, t in enumerate(LINES)))

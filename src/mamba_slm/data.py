@@ -218,9 +218,15 @@ def _load_local(files: list[Path], spec: DataSpec, origin: str):
             f"{origin}: the file is empty" if len(files) == 1 else f"{origin}: every file is empty"
         )
     files = non_empty
+    # Text files: one sample per paragraph (blank-line separated), so a document stays whole; a
+    # file without blank lines (one sentence per line) would be one sample, so it goes by lines.
     kwargs = {"sample_by": "paragraph"} if fmt == "text" else {}
     try:
         ds = datasets.load_dataset(fmt, data_files=[str(f) for f in files], split="train", **kwargs)
+        if fmt == "text" and len(ds) < 2:
+            ds = datasets.load_dataset(
+                fmt, data_files=[str(f) for f in files], split="train", sample_by="line"
+            )
     except Exception as e:  # datasets raises many types for unreadable files
         raise _read_error(e, files, fmt, origin) from None
     if spec.text_field not in ds.column_names:
