@@ -191,6 +191,24 @@ def test_streaming_hub_dataset_packs_without_downloading(monkeypatch):
     assert len(packed) > 10
 
 
+def test_data_prepare_saves_the_rows_a_stream_yields(monkeypatch, tmp_path):
+    import datasets
+
+    from mamba_slm.cli import main
+
+    def fake_load(name, config=None, split=None, streaming=False, **kw):
+        assert streaming  # never downloaded whole
+        return datasets.Dataset.from_dict({"text": LINES * 30}).to_iterable_dataset()
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    argv = ["data", "prepare", "--dataset", "some/corpus", "--streaming", "--output-dir", str(tmp_path / "d")]
+    assert main([*argv, "--max-samples", "40"]) == 0
+    saved = datasets.load_from_disk(str(tmp_path / "d"))
+    assert (len(saved["train"]), len(saved["validation"])) == (38, 2)  # 5% of 40, rounded up, held out
+    assert list(saved["validation"]["text"]) + list(saved["train"]["text"]) == LINES[:40]
+    assert main([*argv, "--max-samples", "1"]) == 2  # nothing would be left to train on
+
+
 @pytest.mark.parametrize(
     ("rows", "kind", "row"),
     [([{"text": 5}, {"text": 6}], "int", 1), ([{"text": "ok"}, {"text": ["a"]}], "list", 2)],

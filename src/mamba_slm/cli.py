@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .checkpoint import CheckpointError
 from .config import ConfigError
-from .data import DataError, DataSpec, load_corpus
+from .data import DataError, DataSpec, load_corpus, materialize
 from .finetune import FinetuneError
 from .generation import GenerationError
 from .tokenizer import TokenizerError, load_tokenizer, train_tokenizer
@@ -64,10 +64,7 @@ def data_spec(args: argparse.Namespace) -> DataSpec:
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> None:
-    corpus = load_corpus(data_spec(args))
-    if args.streaming:
-        print(f"{args.dataset}: streaming; nothing saved")
-        return
+    corpus = materialize(load_corpus(data_spec(args)))  # --streaming: only the rows taken are read
     try:
         corpus.save_to_disk(args.output_dir)
     except OSError as e:

@@ -263,11 +263,16 @@ def load_corpus(spec: DataSpec):
         if text_field != "text":
             train = train.rename_column(text_field, "text")
         train = train.filter(_text_filter(text_field, name), with_indices=True, batched=True)
+        # The stream's first rows are the validation split: a fraction of --max-samples as in the
+        # downloaded case, else of a nominal 1000 rows (a stream's length is unknown).
+        held_out = max(1, math.ceil(spec.validation_split * (spec.max_samples or 1000)))
         if spec.max_samples is not None:
+            if held_out >= spec.max_samples:
+                raise DataError(
+                    f"{name}: --validation-split {spec.validation_split} of --max-samples {spec.max_samples} "
+                    "leaves none to train on; raise --max-samples"
+                )
             train = train.take(spec.max_samples)
-        held_out = max(
-            1, int(1000 * spec.validation_split)
-        )  # the stream's first rows are the validation split
         return datasets.IterableDatasetDict(
             {"train": train.skip(held_out), "validation": train.take(held_out)}
         )
@@ -339,6 +344,20 @@ def _load_hub(spec: DataSpec):
     if spec.text_field not in (train.column_names or [spec.text_field]):
         raise DataError(f"{spec.dataset}: no field {spec.text_field!r} (fields: {train.column_names})")
     return train, validation
+
+
+def materialize(corpus):
+    """A DatasetDict from a streamed IterableDatasetDict (its rows read once, with progress):
+    `data prepare --streaming --max-samples N` saves N rows of a hub dataset never downloaded whole."""
+    import datasets
+    from tqdm.auto import tqdm
+
+    if not isinstance(corpus, datasets.IterableDatasetDict):
+        return corpus
+    return datasets.DatasetDict(
+        {name: datasets.Dataset.from_list(list(tqdm(split, desc=f"reading {name}", unit=" rows")))
+         for name, split in corpus.items()}
+    )  # fmt: skip
 
 
 def pack_token_blocks(documents: Iterable[list[int]], block_size: int, eos_id: int) -> Iterator[list[int]]:
