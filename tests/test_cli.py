@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from transformers import AutoTokenizer
 
 from mamba_slm.bench import format_report
@@ -228,7 +229,7 @@ def test_generate_and_bench_bad_input_is_one_line(tiny_model_dir, tmp_path, caps
         (["generate", "--model", str(tiny_model_dir), "--prompt-file", str(not_text)], "numbers.jsonl:2"),
         (["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"], "no such model directory"),
         (["generate", "--model", str(tiny_model_dir), "--prompt-file", str(bad)], "bad.jsonl:1"),
-        (["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--top-p", "0"], "top_p"),
+        (["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--top-p", "0"], "--top-p: expected"),
         (
             ["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--device", "nonsense"],
             "--device nonsense",
@@ -242,7 +243,7 @@ def test_generate_and_bench_bad_input_is_one_line(tiny_model_dir, tmp_path, caps
     in_process = [
         (["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--stream", "--json"], "--stream and --json"),
         (["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--penalty-alpha", "0.6", "-n", "2"],
-         "num_return_sequences"),
+         "-n/--num-return-sequences: contrastive search"),
         (["chat", "--model", str(tiny_model_dir), "--num-beams", "2"], "--num-beams"),
     ]  # fmt: skip
     for argv, message in in_process:
@@ -285,3 +286,21 @@ def test_stop_strings_on_the_command_line_read_backslash_escapes(tiny_model_dir)
         r"a\\n\tb",
     ]
     assert build_parser().parse_args(argv).stop == ["\n\n", "a\\n\tb"]
+
+
+@pytest.mark.slow
+def test_generate_compiles_before_the_clock_starts(tiny_model_dir, capsys):
+    argv = [
+        "generate",
+        "--model",
+        str(tiny_model_dir),
+        "--prompt",
+        "To be",
+        "--max-new-tokens",
+        "4",
+        "--compile",
+    ]
+    assert main([*argv, "--temperature", "0", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "mamba-slm: compiled the decode step in " in captured.err
+    assert json.loads(captured.out)["seconds"] < 2  # compiling took longer than that on its own

@@ -71,6 +71,20 @@ def test_missing_path_and_empty_corpus(tmp_path):
         load_corpus(DataSpec(dataset=str(empty)))
 
 
+def test_a_mistyped_file_name_or_a_model_folder_is_no_hub_lookup(tmp_path, monkeypatch):
+    import datasets
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("looked up on the hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_hub)
+    with pytest.raises(DataError, match="corpsu.txt: no such file"):
+        load_corpus(DataSpec(dataset="corpsu.txt"))  # relative, no ./ in front
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(DataError, match="a model or tokenizer directory, not a dataset"):
+        load_corpus(DataSpec(dataset=str(tmp_path)))
+
+
 def test_hub_path_uses_datasets_load_dataset(monkeypatch):
     import datasets
 

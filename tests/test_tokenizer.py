@@ -42,6 +42,8 @@ def test_vocab_too_small():
 def test_missing_tokenizer_directory(tmp_path):
     with pytest.raises(TokenizerError, match="no such tokenizer directory"):
         load_tokenizer(str(tmp_path / "nope"))
+    with pytest.raises(TokenizerError, match="no tokenizer files in it"):
+        load_tokenizer(str(tmp_path))  # a folder without tokenizer files
 
 
 @pytest.fixture(scope="session")

@@ -184,6 +184,8 @@ def test_resume_refuses_a_changed_data_order_or_model_and_damaged_files(tmp_path
     Trainer(tiny_model(), blocks(), [], args(out, max_steps=2, save_steps=2, eval_steps=0)).train()
     with pytest.raises(TrainError, match=r"written with --batch-size 4 \(this run: 2\)"):
         Trainer(tiny_model(), blocks(), [], args(out, batch_size=2, resume=True)).train()
+    with pytest.raises(TrainError, match=r"written with 40 training examples \(this run: 30\)"):
+        Trainer(tiny_model(), blocks(30), [], args(out, resume=True)).train()  # other data or block size
     other = HybridLM(ModelConfig.from_preset("tiny", d_model=32, head_dim=8))
     with pytest.raises(TrainError, match=r"checkpoint-2: a different model, d_model 64 \(this run: 32\)"):
         Trainer(other, blocks(), [], args(out, resume=True)).train()

@@ -12,6 +12,7 @@ import re
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from .checkpoint import CheckpointError
@@ -191,7 +192,7 @@ def add_generation_args(p: argparse.ArgumentParser, temperature: float, max_new_
     p.add_argument("--length-penalty", type=float, default=1.0)
     p.add_argument("--penalty-alpha", type=float, default=0.0, help="> 0: contrastive search")
     p.add_argument("--stop", action="append", default=[], type=unescape,
-                   help=r"a stop string (repeatable); \n, \t and \\ are read as escapes, e.g. --stop '\n\n'")  # fmt: skip
+                   help=r"a stop string (repeatable); \n, \t, \r and \\ are read as escapes, e.g. --stop '\n\n'")  # fmt: skip
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cpu)")
     p.add_argument(
@@ -217,7 +218,20 @@ def unescape(text: str) -> str:
     return re.sub(r"\\([ntr\\])", lambda m: {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}[m.group(1)], text)
 
 
+# GenerationConfig's fields as the flags that set them, for its one-line errors.
+FLAG_OF_FIELD = {"max_new_tokens": "--max-new-tokens", "num_return_sequences": "-n/--num-return-sequences"}
+
+
 def generation_config(engine, args: argparse.Namespace, **extra):
+    try:
+        return _generation_config(engine, args, **extra)
+    except GenerationError as e:
+        field, _, rest = str(e).partition(": ")
+        flag = FLAG_OF_FIELD.get(field, "--" + field.replace("_", "-"))
+        raise GenerationError(f"{flag}: {rest}") from None
+
+
+def _generation_config(engine, args: argparse.Namespace, **extra):
     top_k = args.top_k or (4 if args.penalty_alpha > 0 else 0)  # contrastive search's usual 4 candidates
     return engine.default_config(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=top_k,
@@ -287,6 +301,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if longest > context:  # decoding still works (as in transformers), but past what the model learned
         print(f"mamba-slm: note: a prompt of {longest} tokens is longer than the model's {context}-token context; "
               "text past the context may degrade", file=sys.stderr)  # fmt: skip
+    if args.compile:  # compile before the clock starts, so the speed printed is the generation's
+        start = time.perf_counter()
+        engine.generate([inputs[0]], replace(config, max_new_tokens=2, num_return_sequences=1, num_beams=1))
+        print(f"mamba-slm: compiled the decode step in {time.perf_counter() - start:.1f}s", file=sys.stderr)
     start = time.perf_counter()
     with sigint_cancels() as cancel:
         if args.stream:

@@ -202,6 +202,18 @@ def _read_error(e: Exception, files: list[Path], fmt: str, origin: str) -> DataE
     return DataError(f"{bad or origin}: could not read ({reason}); expected UTF-8 text")
 
 
+def _names_a_local_path(name: str) -> bool:
+    """A path the user meant as local even though it does not exist (a typo): it must not be
+    looked up on the hub, which retries for half a minute before failing."""
+    return name.startswith((".", "/", "~")) or "*" in name or name.lower().endswith(tuple(LOCAL_FORMATS))
+
+
+def _is_model_dir(path: Path) -> bool:
+    """A model or tokenizer directory, whose JSON files are settings, not text."""
+    markers = ("config.json", "tokenizer_config.json", "adapter_config.json")
+    return path.is_dir() and any((path / m).is_file() for m in markers)
+
+
 def _load_local(files: list[Path], spec: DataSpec, origin: str):
     import datasets
 
@@ -250,10 +262,12 @@ def load_corpus(spec: DataSpec):
     elif is_saved_dataset(Path(name).expanduser()):
         train, validation = _load_saved(spec, name)
         text_field = spec.text_field
+    elif _is_model_dir(Path(name).expanduser()):
+        raise DataError(f"{name}: a model or tokenizer directory, not a dataset; check --dataset")
     elif files := local_files(name):
         train = _load_local(files, spec, name)
         text_field = spec.text_field
-    elif Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or "*" in name:
+    elif Path(name).expanduser().exists() or _names_a_local_path(name):
         raise DataError(f"{name}: no such file, or no readable files in it")
     else:
         train, validation = _load_hub(spec)

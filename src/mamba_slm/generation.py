@@ -594,8 +594,9 @@ def load_engine(
             AssertionError,
             ValueError,
         ) as e:  # no such device, torch without CUDA, bad name
-            raise GenerationError(
-                f"--device {device}: not usable here ({str(e).splitlines()[0][:120]})"
-            ) from None
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if reason.startswith("Expected one of"):  # torch lists every device type it knows of
+                reason = "expected a device such as cpu, cuda, cuda:1 or mps"
+            raise GenerationError(f"--device {device}: not usable here ({reason[:200]})") from None
     kv = KV_CACHE_DTYPES[kv_cache_dtype] if kv_cache_dtype else None
     return Engine(model, load_tokenizer(tokenizer_dir), compile=compile, kv_cache_dtype=kv)

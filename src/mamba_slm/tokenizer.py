@@ -69,6 +69,10 @@ def save_tokenizer(tokenizer, output_dir: str | Path) -> None:
         raise TokenizerError(f"{output_dir}: cannot write the tokenizer ({e.strerror})") from None
 
 
+# Any of these marks a folder AutoTokenizer can load from.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
+
+
 def load_tokenizer(name_or_path: str | Path):
     """A trained directory, a hub id, or a folder with GPT-2's encoder.json + vocab.bpe."""
     from transformers import AutoTokenizer
@@ -79,6 +83,10 @@ def load_tokenizer(name_or_path: str | Path):
     else:
         if not path.exists() and str(name_or_path).startswith((".", "/", "~")):
             raise TokenizerError(f"{name_or_path}: no such tokenizer directory")
+        if path.is_dir() and not any((path / f).exists() for f in TOKENIZER_FILES):
+            raise TokenizerError(
+                f"{name_or_path}: no tokenizer files in it (tokenizer.json, tokenizer_config.json)"
+            )
         try:
             tok = AutoTokenizer.from_pretrained(str(name_or_path))
         except Exception as e:  # offline hub, missing files, unknown id

@@ -188,7 +188,7 @@ class Trainer:
         if args.fsdp and self.accelerator.distributed_type != DistributedType.FSDP:
             raise TrainError(
                 f"--fsdp: Accelerate shards with FSDP only across several GPUs/accelerators, and this run is "
-                f"{self.accelerator.distributed_type.value} with {self.accelerator.num_processes} process(es); "
+                f"{self.accelerator.num_processes} process(es) on {self.accelerator.device.type}; "
                 "drop --fsdp (DDP is used automatically under accelerate launch/torchrun)"
             )
         torch.manual_seed(args.seed)
@@ -399,7 +399,8 @@ class Trainer:
         torch.save(rng, tmp / "rng.pt")
         atomic_write_json(tmp / "trainer_state.json", {"state": self.state, "scheduler": self.scheduler.state_dict(),
                                                        "log": self.log, "args": asdict(self.args),
-                                                       "world": acc.num_processes})  # fmt: skip
+                                                       "world": acc.num_processes,
+                                                       "train_examples": len(self.train_blocks)})  # fmt: skip
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)  # a checkpoint directory exists only once complete
         for old in checkpoints(self.output_dir)[: -self.args.save_total_limit]:
@@ -451,9 +452,12 @@ class Trainer:
         ]
         if world != self.accelerator.num_processes:
             changed.append(f"{world} processes (this run: {self.accelerator.num_processes})")
+        examples = meta.get("train_examples", len(self.train_blocks))
+        if examples != len(self.train_blocks):  # another dataset, block size or tokenizer
+            changed.append(f"{examples} training examples (this run: {len(self.train_blocks)})")
         if changed:
             raise TrainError(
-                f"{ckpt}: written with {', '.join(changed)}; resume with the same values, "
+                f"{ckpt}: written with {', '.join(changed)}; resume with the same data and values, "
                 "which decide the batches each step sees"
             )
 
