@@ -132,6 +132,22 @@ def test_left_padded_rows_match_the_module_path_and_never_see_their_padding(fuse
     torch.testing.assert_close(got[:, 2], alone, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("pattern", ["MMAM", "MMM"])
+def test_a_padded_batch_fed_one_token_at_a_time_keeps_padding_out_of_the_states(pattern, fused_runs):
+    """A one-token pass whose mask marks padding takes the module path, which leaves the states alone."""
+    model = _perturbed(ModelConfig.from_preset("tiny", vocab_size=96, layer_pattern=pattern), seed=3)
+    ids = torch.randint(0, 96, (3, 9))
+    mask = torch.tensor([[0, 0, 0] + [1] * 6, [1] * 9, [0] + [1] * 8])
+    cache = model.allocate_cache(3, capacity=4)
+    with torch.no_grad():
+        steps = [model(ids[:, t : t + 1], attention_mask=mask[:, t : t + 1], cache=cache).logits[:, -1]
+                 for t in range(9)]  # fmt: skip
+        for row, pad in enumerate((3, 0, 1)):
+            alone = model(ids[row : row + 1, pad:]).logits[0]
+            torch.testing.assert_close(torch.stack(steps[pad:])[:, row], alone, atol=1e-4, rtol=1e-4)
+    assert True in fused_runs  # the passes without padding still ran as one C call
+
+
 def test_module_path_where_the_step_does_not_apply(fused_runs):
     tiny = ModelConfig.from_preset("tiny", vocab_size=96)
     model = _perturbed(tiny, seed=4)

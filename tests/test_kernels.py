@@ -124,6 +124,11 @@ def test_linear_rows_matches_matmul(rows):
     torch.testing.assert_close(kernels.linear_rows(x, weight, None), x @ weight.t(), atol=1e-5, rtol=1e-5)
 
 
+def test_linear_rows_refuses_more_rows_than_its_buffers_hold():
+    with pytest.raises(ValueError, match="at most 16 rows, got 17"):
+        kernels.linear_rows(torch.randn(17, 8), torch.randn(4, 8), None)
+
+
 def test_decode_projection_uses_the_kernel_and_matches_f_linear(monkeypatch):
     from mamba_slm.model.linear import Linear
 

@@ -37,6 +37,17 @@ def test_ssd_chunked_matches_reference(seqlen, with_state, batch):
         torch.testing.assert_close(g_out, g_ref, atol=1e-3, rtol=1e-4)
 
 
+@pytest.mark.parametrize("heads, groups", [(4, 4), (4, 1), (6, 3)])
+def test_every_grouping_of_heads_matches_the_reference(heads, groups):
+    """One head per group included: its layouts are transposed views unless copied."""
+    inputs = _ssd_inputs(b=2, seqlen=37, h=heads, g=groups)
+    ref = ssd_reference(*inputs)
+    out = ssd_chunked(*inputs, chunk_size=8)
+    torch.testing.assert_close(out[0], ref[0], atol=1e-4, rtol=1e-4)
+    for g_out, g_ref in zip(_grads(out, inputs), _grads(ref, inputs), strict=True):
+        torch.testing.assert_close(g_out, g_ref, atol=1e-3, rtol=1e-4)
+
+
 def test_ssd_strong_decay_long_sequence_is_finite():
     """Large dt*A over many chunks must not overflow (decays are computed as segment sums)."""
     x, dt, A, B, C = (t.detach() for t in _ssd_inputs(seqlen=512))

@@ -205,7 +205,9 @@ class HybridLM(nn.Module):
 
         hidden = self.embed_tokens(input_ids)  # (b, l, d)
         attn = self._attention_inputs(positions, mask, cache, hidden.dtype)
-        if not (cache is not None and seqlen == 1 and fused_step.run(self, hidden, attn, cache)):
+        # The one-call step takes real new tokens only: a padding token must stay out of the states.
+        one_call = cache is not None and seqlen == 1 and mask is None
+        if not (one_call and fused_step.run(self, hidden, attn, cache)):
             for block in self.layers:
                 if self.gradient_checkpointing and self.training:
                     hidden = checkpoint(block, hidden, mask, attn, cache, use_reentrant=False)

@@ -357,14 +357,20 @@ def softmax_cross_entropy_(logits: Tensor, targets: Tensor, scale: Tensor) -> Te
     return loss
 
 
+LINEAR_ROWS = 16  # the most rows the C products take (a 16-lane vector of rows)
+
+
 def linear_rows(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """x @ weight.T + bias for a few rows of a contiguous x (..., in) -> (..., out), contiguous weight.
-    Lean on purpose: it runs for every projection of every decode step."""
+    """x @ weight.T + bias for a few rows (at most LINEAR_ROWS) of a contiguous x (..., in) ->
+    (..., out), contiguous weight. Lean on purpose: it runs for every projection of every decode step."""
     out_features, in_features = weight.shape
+    rows = x.numel() // in_features
+    if rows > LINEAR_ROWS:  # the C code's buffers hold 16 rows: more would be read past their end
+        raise ValueError(f"linear_rows: at most {LINEAR_ROWS} rows, got {rows}")
     y = torch.empty(*x.shape[:-1], out_features, dtype=x.dtype)
     library().linear_rows(
         x.data_ptr(), in_features, weight.data_ptr(), bias.data_ptr() if bias is not None else None,
-        y.data_ptr(), x.numel() // in_features, out_features, in_features, torch.get_num_threads(),
+        y.data_ptr(), rows, out_features, in_features, torch.get_num_threads(),
     )  # fmt: skip
     return y
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from . import kernels
 
-MAX_ROWS = 16  # above this the weight is re-read often enough that a GEMM is the faster path
+MAX_ROWS = kernels.LINEAR_ROWS  # above this the weight is re-read often enough that a GEMM is the faster path
 
 # oneDNN keeps a compiled primitive per product shape (with scratch memory that grows with the
 # rows) in two caches, oneDNN's and ideep's, of 1024 entries each by default: where shapes vary

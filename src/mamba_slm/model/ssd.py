@@ -65,9 +65,10 @@ def _by_group(t: Tensor, g: int) -> Tensor:
 
 
 def _by_head(t: Tensor, h: int) -> Tensor:
-    """Inverse of `_by_group`."""
+    """Inverse of `_by_group`, always contiguous: with one head per group (and g > 1) the reshape
+    alone would return a transposed view, which the callers' `.view`s cannot take."""
     b, c, g, q, _ = t.shape
-    return t.transpose(2, 3).reshape(b, c, q, h, -1)
+    return t.transpose(2, 3).reshape(b, c, q, h, -1).contiguous()
 
 
 def _intermediates(xc, dtc, Bg, Cg, cum, h0, Hin=None):
