@@ -34,6 +34,26 @@ def test_chat_template_renders_roles(tmp_path):
     assert tok.convert_ids_to_tokens(ids[:1]) == ["<|system|>"]  # roles stay single tokens
 
 
+def test_a_crash_while_saving_leaves_the_earlier_tokenizer_whole(tmp_path, monkeypatch):
+    from mamba_slm.tokenizer import save_tokenizer
+
+    tok = train_tokenizer(
+        ["The quick brown fox jumps over the lazy dog."] * 20, vocab_size=300, output_dir=tmp_path
+    )
+    before = (tmp_path / "tokenizer.json").read_bytes()
+
+    def crash(directory, **kwargs):
+        (Path(directory) / "tokenizer.json").write_text('{"trunc')  # half written, then the power goes
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tok, "save_pretrained", crash)
+    with pytest.raises(TokenizerError, match="cannot write the tokenizer"):
+        save_tokenizer(tok, tmp_path)
+    assert (tmp_path / "tokenizer.json").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary left
+    assert len(load_tokenizer(tmp_path)) == len(tok)
+
+
 def test_vocab_too_small():
     with pytest.raises(TokenizerError, match="--vocab-size: 100 is too small"):
         train_tokenizer(TEXTS, vocab_size=100)

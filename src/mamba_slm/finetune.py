@@ -49,6 +49,7 @@ from .checkpoint import (
     save_model,
 )
 from .model.hybrid import HybridLM
+from .tokenizer import save_tokenizer
 from .train import TrainArgs, Trainer
 
 DEFAULT_TARGETS = ("in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # fmt: skip
@@ -406,7 +407,7 @@ def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
         merged_dir = out / "merged"
         merged = load_model_with_adapter(base_path, out)
         save_model(merged, merged_dir, chat_generation_config(merged.config, tokenizer, args.chat))
-        tokenizer.save_pretrained(merged_dir)
+        save_tokenizer(tokenizer, merged_dir)
         atomic_write_json(merged_dir / "training_args.json", recorded)
     summary = {
         "step": result["step"], "trainable_parameters": trainable, "total_parameters": total,

@@ -8,6 +8,8 @@ folder with GPT-2 style `encoder.json` + `vocab.bpe` files.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -61,10 +63,15 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, output_dir: str | Pat
 
 
 def save_tokenizer(tokenizer, output_dir: str | Path) -> None:
+    """The tokenizer's files, written in a temporary directory beside them and each renamed into
+    place once complete, so a crash never leaves a half-written tokenizer.json."""
     output_dir = Path(output_dir)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        tokenizer.save_pretrained(output_dir)
+        with tempfile.TemporaryDirectory(prefix=".tokenizer-", dir=output_dir) as tmp:
+            tokenizer.save_pretrained(tmp)
+            for written in sorted(Path(tmp).iterdir()):
+                os.replace(written, output_dir / written.name)
     except OSError as e:
         raise TokenizerError(f"{output_dir}: cannot write the tokenizer ({e.strerror})") from None
 

@@ -31,10 +31,11 @@ from typing import Any
 
 import torch
 
-from .checkpoint import CheckpointError, atomic_write_json, load_model, save_model
+from .checkpoint import CheckpointError, atomic_write, atomic_write_json, load_model, save_model
 from .config import ModelConfig
 from .model.hybrid import HybridLM
 from .runtime import tune_cpu_allocator
+from .tokenizer import save_tokenizer
 
 
 class TrainError(ValueError):
@@ -437,7 +438,8 @@ class Trainer:
         self.state, self.log = state, log
         log_file = self.output_dir / "training_log.jsonl"
         if self.accelerator.is_main_process:  # drop lines written after the checkpoint
-            log_file.write_text("".join(json.dumps(e) + "\n" for e in self.log))
+            lines = "".join(json.dumps(e) + "\n" for e in self.log)
+            atomic_write(log_file, lambda tmp: Path(tmp).write_text(lines))
 
     def _save_weights(self, path: Path) -> None:
         save_model(self.core, path, self.generation_config)
@@ -474,7 +476,7 @@ class Trainer:
     # ------------------------------------------------------------------ output
     def _save_tokenizer_and_args(self, path: Path) -> None:
         if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(path)
+            save_tokenizer(self.tokenizer, path)
         atomic_write_json(path / "training_args.json", self.recorded_args)
 
     def _save_output(self, path: Path) -> None:
