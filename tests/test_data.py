@@ -81,6 +81,7 @@ def test_a_mistyped_file_name_or_a_model_folder_is_no_hub_lookup(tmp_path, monke
     with pytest.raises(DataError, match="corpsu.txt: no such file"):
         load_corpus(DataSpec(dataset="corpsu.txt"))  # relative, no ./ in front
     (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "tokenizer_config.json").write_text("{}")
     with pytest.raises(DataError, match="a model or tokenizer directory, not a dataset"):
         load_corpus(DataSpec(dataset=str(tmp_path)))
 
@@ -210,9 +211,18 @@ def test_data_prepare_saves_the_rows_a_stream_yields(monkeypatch, tmp_path):
 
     from mamba_slm.cli import main
 
+    read = []
+
     def fake_load(name, config=None, split=None, streaming=False, **kw):
         assert streaming  # never downloaded whole
-        return datasets.Dataset.from_dict({"text": LINES * 30}).to_iterable_dataset()
+        rows = LINES[:2] if name == "short/corpus" else LINES * 30
+
+        def stream():
+            for text in rows:
+                read.append(text)
+                yield {"text": text}
+
+        return datasets.IterableDataset.from_generator(stream)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
     argv = ["data", "prepare", "--dataset", "some/corpus", "--streaming", "--output-dir", str(tmp_path / "d")]
@@ -220,7 +230,35 @@ def test_data_prepare_saves_the_rows_a_stream_yields(monkeypatch, tmp_path):
     saved = datasets.load_from_disk(str(tmp_path / "d"))
     assert (len(saved["train"]), len(saved["validation"])) == (38, 2)  # 5% of 40, rounded up, held out
     assert list(saved["validation"]["text"]) + list(saved["train"]["text"]) == LINES[:40]
+    assert len(read) < 100  # the rows taken (read once per split), not batches of a thousand
     assert main([*argv, "--max-samples", "1"]) == 2  # nothing would be left to train on
+    assert main(argv) == 2  # without --max-samples the whole stream would be read into memory
+    short = [
+        "data",
+        "prepare",
+        "--dataset",
+        "short/corpus",
+        "--streaming",
+        "--output-dir",
+        str(tmp_path / "s"),
+    ]
+    assert main([*short, "--max-samples", "40", "--validation-split", "0.5"]) == 2  # 20 held out of 2 rows
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_source_with_its_own_validation_split_takes_a_zero_split(tmp_path):
+    from mamba_slm.cli import main
+
+    assert main(["data", "prepare", "--dataset", str(tmp_path / "x.txt"), "--output-dir", str(tmp_path / "o"),
+                 "--validation-split", "-0.1"]) == 2  # fmt: skip
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(LINES))
+    with pytest.raises(DataError, match="has no validation split of its own"):
+        load_corpus(DataSpec(dataset=str(path), validation_split=0))
+    saved = tmp_path / "saved"
+    load_corpus(DataSpec(dataset=str(path), validation_split=0.25)).save_to_disk(str(saved))
+    corpus = load_corpus(DataSpec(dataset=str(saved), validation_split=0))  # keeps the saved validation
+    assert (len(corpus["train"]), len(corpus["validation"])) == (30, 10)
 
 
 @pytest.mark.parametrize(
@@ -251,7 +289,7 @@ def test_a_numeric_csv_column_and_a_streamed_one_are_one_clear_line(tmp_path, mo
 @pytest.mark.parametrize(
     ("field", "value", "flag"),
     [
-        ("validation_split", 0.0, "--validation-split"),
+        ("validation_split", 1.0, "--validation-split"),
         ("validation_split", 1.5, "--validation-split"),
         ("validation_split", -0.1, "--validation-split"),
         ("num_proc", -2, "--num-proc"),

@@ -177,6 +177,10 @@ def test_a_fresh_run_never_mixes_with_an_earlier_runs_checkpoints(tmp_path):
     Trainer(tiny_model(), blocks(), [], again).train()
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
     assert [s for s, _ in _losses(out)] == [1, 2, 3]  # the earlier run's log is gone, not appended to
+    early = tmp_path / "early"
+    (early / "best").mkdir(parents=True)  # an early-stopping run's best model, without checkpoints
+    with pytest.raises(TrainError, match="holds best of an earlier run"):
+        Trainer(tiny_model(), blocks(), [], args(early))
 
 
 def test_resume_refuses_a_changed_data_order_or_model_and_damaged_files(tmp_path):

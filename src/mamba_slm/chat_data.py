@@ -32,7 +32,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from .data import DataError, _pip_download, cache_dir, sha256
+from .data import DataError, _pip_download, cache_dir, check_max_samples, sha256
+from .errors import describe
 
 CHATTERBOT = "chatterbot"
 CHATTERBOT_VERSION = "1.3.3"
@@ -78,8 +79,7 @@ def fetch_chatterbot(root: Path | None = None) -> list[Path]:
 
 def load_conversations(source: str, max_samples: int | None = None) -> list[Conversation]:
     """Conversations from `chatterbot`, a .jsonl/.json/.yml/.yaml file, or a folder of them."""
-    if max_samples is not None and max_samples < 1:  # [:-1] would silently drop the last one
-        raise DataError(f"--max-samples: expected a positive number of samples, got {max_samples}")
+    check_max_samples(max_samples)
     if source == CHATTERBOT:
         files = fetch_chatterbot()
     else:
@@ -150,8 +150,7 @@ def _read_yaml(file: Path):
         # `12:30` into 750, which str() then trains on as "True" and "750".
         data = yaml.load(file.read_text(encoding="utf-8"), Loader=yaml.BaseLoader)
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"{file}: not readable YAML ({first})") from None
+        raise DataError(f"{file}: not readable YAML ({describe(e, with_type=False)})") from None
     if not isinstance(data, dict) or not isinstance(data.get("conversations"), list):
         raise DataError(f"{file}: expected a mapping with a 'conversations' list (ChatterBot format)")
     for i, lines in enumerate(data["conversations"]):
@@ -243,8 +242,9 @@ def _render(tokenizer, messages: list, prompt: bool, where: str) -> str:
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
     except TemplateError as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"{where}: the tokenizer's chat template rejects it ({reason})") from None
+        raise DataError(
+            f"{where}: the tokenizer's chat template rejects it ({describe(e, with_type=False)})"
+        ) from None
 
 
 def tokenize_conversations(

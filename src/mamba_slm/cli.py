@@ -65,6 +65,8 @@ def data_spec(args: argparse.Namespace) -> DataSpec:
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> None:
+    if args.streaming and args.max_samples is None:  # a stream is read into memory to be saved
+        raise DataError("--streaming: data prepare saves the rows it reads; pass --max-samples N")
     corpus = materialize(load_corpus(data_spec(args)))  # --streaming: only the rows taken are read
     try:
         corpus.save_to_disk(args.output_dir)
@@ -267,12 +269,14 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def _looks_like_jsonl(text: str) -> bool:
-    """Prompts piped on stdin are JSONL when the first non-blank line is a JSON object."""
+    """Prompts piped on stdin are JSONL when the first non-blank line is a JSON object with a
+    "prompt" string (a prompt that merely looks like JSON stays a prompt)."""
     first = next((line for line in text.splitlines() if line.strip()), "")
     try:
-        return isinstance(json.loads(first), dict)
+        record = json.loads(first)
     except ValueError:
         return False
+    return isinstance(record, dict) and isinstance(record.get("prompt"), str)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

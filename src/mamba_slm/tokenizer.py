@@ -13,6 +13,8 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from .errors import describe
+
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 SPECIAL_TOKENS = [PAD, BOS, EOS, *CHAT_TOKENS]
@@ -76,8 +78,9 @@ def save_tokenizer(tokenizer, output_dir: str | Path) -> None:
         raise TokenizerError(f"{output_dir}: cannot write the tokenizer ({e.strerror})") from None
 
 
-# Any of these marks a folder AutoTokenizer can load from.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
+# A folder AutoTokenizer can load from holds a file of one of these kinds (tokenizer.json,
+# tokenizer_config.json, vocab.txt, spiece.model, ...).
+TOKENIZER_SUFFIXES = (".json", ".model", ".txt")
 
 
 def load_tokenizer(name_or_path: str | Path):
@@ -90,15 +93,16 @@ def load_tokenizer(name_or_path: str | Path):
     else:
         if not path.exists() and str(name_or_path).startswith((".", "/", "~")):
             raise TokenizerError(f"{name_or_path}: no such tokenizer directory")
-        if path.is_dir() and not any((path / f).exists() for f in TOKENIZER_FILES):
+        if path.is_dir() and not any(f.suffix in TOKENIZER_SUFFIXES for f in path.iterdir()):
             raise TokenizerError(
                 f"{name_or_path}: no tokenizer files in it (tokenizer.json, tokenizer_config.json)"
             )
         try:
             tok = AutoTokenizer.from_pretrained(str(name_or_path))
         except Exception as e:  # offline hub, missing files, unknown id
-            first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-            raise TokenizerError(f"{name_or_path}: could not load a tokenizer ({first})") from None
+            raise TokenizerError(
+                f"{name_or_path}: could not load a tokenizer ({describe(e, with_type=False)})"
+            ) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

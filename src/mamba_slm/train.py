@@ -33,6 +33,7 @@ import torch
 
 from .checkpoint import CheckpointError, atomic_write, atomic_write_json, load_model, save_model
 from .config import ModelConfig
+from .errors import describe
 from .model.hybrid import HybridLM
 from .runtime import tune_cpu_allocator
 from .tokenizer import save_tokenizer
@@ -152,12 +153,6 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def first_line(error: BaseException) -> str:
-    """`Type: first line of the message`, short enough for a one-line error."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0][:160]}" if lines else type(error).__name__
-
-
 # Flags that decide which batches a step sees: a resumed run must keep them to continue exactly.
 DATA_ORDER_FLAGS = ("batch_size", "gradient_accumulation_steps", "seed")
 
@@ -239,6 +234,8 @@ class Trainer:
         if not os.access(self.output_dir, os.W_OK):
             raise TrainError(f"{self.output_dir}: the output directory is not writable")
         earlier = latest_checkpoint(self.output_dir)
+        if earlier is None and (self.output_dir / "best").is_dir():
+            earlier = self.output_dir / "best"
         if earlier is not None and not (self.args.resume or self.args.overwrite_output_dir):
             raise TrainError(
                 f"{self.output_dir}: holds {earlier.name} of an earlier run; pass --resume to continue it, "
@@ -246,7 +243,9 @@ class Trainer:
             )
 
     def _start_fresh(self) -> None:
-        """Clear what an earlier run left that this one would otherwise mix with its own."""
+        """Clear what an earlier run left that this one would otherwise mix with its own: its
+        checkpoints and best model (only with --overwrite-output-dir, see _check_output_dir) and its
+        log, which describes the model files this run replaces."""
         if not self.accelerator.is_main_process:
             return
         for old in [*checkpoints(self.output_dir), self.output_dir / "best"]:
@@ -418,7 +417,7 @@ class Trainer:
             meta = json.loads((ckpt / "trainer_state.json").read_text())
             scheduler, state, log = meta["scheduler"], meta["state"], meta["log"]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise TrainError(f"{ckpt}: corrupt checkpoint (trainer_state.json: {first_line(e)})") from None
+            raise TrainError(f"{ckpt}: corrupt checkpoint (trainer_state.json: {describe(e)})") from None
         self._check_same_data_order(ckpt, meta)
         try:
             self._load_weights(ckpt)
@@ -431,7 +430,7 @@ class Trainer:
                 raise
             if isinstance(e, CheckpointError):
                 raise TrainError(f"{ckpt}: corrupt checkpoint ({e})") from None
-            raise TrainError(f"{ckpt}: corrupt checkpoint ({first_line(e)})") from None
+            raise TrainError(f"{ckpt}: corrupt checkpoint ({describe(e)})") from None
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.scheduler.load_state_dict(scheduler)
