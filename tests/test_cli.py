@@ -297,17 +297,11 @@ def test_generate_compiles_before_the_clock_starts(tiny_model_dir, capsys, monke
     monkeypatch.setattr(HybridLM, "compile_decode", lambda self, mode=None: None)  # no real compile: fast
     monkeypatch.setattr(cli.time, "perf_counter", lambda: events.append("clock") or float(next(ticks)))
     monkeypatch.setattr(Engine, "generate", lambda self, prompts, config, *a: events.append(
-        ("generate", config.max_new_tokens)) or real_generate(self, prompts, config, *a))  # fmt: skip
-    argv = [
-        "generate",
-        "--model",
-        str(tiny_model_dir),
-        "--prompt",
-        "To be",
-        "--max-new-tokens",
-        "4",
-        "--compile",
-    ]
-    assert main([*argv, "--temperature", "0"]) == 0
-    assert events == ["clock", ("generate", 2), "clock", "clock", ("generate", 4), "clock"]
+        ("generate", len(prompts), config.num_return_sequences, config.max_new_tokens))
+        or real_generate(self, prompts, config, *a))  # fmt: skip
+    argv = ["generate", "--model", str(tiny_model_dir), "--prompt", "To be", "--prompt", "Or not",
+            "--max-new-tokens", "4", "--compile", "-n", "2"]  # fmt: skip
+    assert main(argv) == 0
+    # the warm-up runs the timed run's first batch (2 prompts x 2 samples) for 2 tokens, off the clock
+    assert events == ["clock", ("generate", 2, 2, 2), "clock", "clock", ("generate", 2, 2, 4), "clock"]
     assert "mamba-slm: compiled the decode step in " in capsys.readouterr().err

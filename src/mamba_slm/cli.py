@@ -307,7 +307,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
               "text past the context may degrade", file=sys.stderr)  # fmt: skip
     if args.compile:  # compile before the clock starts, so the speed printed is the generation's
         start = time.perf_counter()
-        engine.generate([inputs[0]], replace(config, max_new_tokens=2, num_return_sequences=1, num_beams=1))
+        # the first batch's rows (prompts x samples or beams), so the timed run meets no new shape
+        first_batch = inputs[: args.batch_size or engine.default_batch_size(config, len(inputs))]
+        engine.generate(first_batch, replace(config, max_new_tokens=2))
         print(f"mamba-slm: compiled the decode step in {time.perf_counter() - start:.1f}s", file=sys.stderr)
     start = time.perf_counter()
     with sigint_cancels() as cancel:
