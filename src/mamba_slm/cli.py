@@ -65,9 +65,12 @@ def data_spec(args: argparse.Namespace) -> DataSpec:
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> None:
-    if args.streaming and args.max_samples is None:  # a stream is read into memory to be saved
+    import datasets
+
+    corpus = load_corpus(data_spec(args))  # a hub stream is opened here, not read
+    if isinstance(corpus, datasets.IterableDatasetDict) and args.max_samples is None:
         raise DataError("--streaming: data prepare saves the rows it reads; pass --max-samples N")
-    corpus = materialize(load_corpus(data_spec(args)))  # --streaming: only the rows taken are read
+    corpus = materialize(corpus)  # a stream: only the rows taken are read
     try:
         corpus.save_to_disk(args.output_dir)
     except OSError as e:
@@ -221,7 +224,8 @@ def unescape(text: str) -> str:
 
 
 # GenerationConfig's fields as the flags that set them, for its one-line errors.
-FLAG_OF_FIELD = {"max_new_tokens": "--max-new-tokens", "num_return_sequences": "-n/--num-return-sequences"}
+FLAG_OF_FIELD = {"max_new_tokens": "--max-new-tokens", "num_return_sequences": "-n/--num-return-sequences",
+                 "stop_strings": "--stop"}  # fmt: skip
 
 
 def generation_config(engine, args: argparse.Namespace, **extra):
