@@ -152,6 +152,9 @@ def test_generate_json_prompt_file_and_stream(tiny_model_dir, tmp_path, capsys, 
     assert main([*args, "--prompt-file", str(prompts), "--json", "--kv-cache-dtype", "bfloat16"]) == 0
     half = json.loads(capsys.readouterr().out)["completions"]
     assert [len(c["tokens"]) for c in half] == [6, 6]
+    assert main([*args, "--prompt-file", str(prompts), "--json", "--dtype", "bfloat16"]) == 0
+    bf16 = json.loads(capsys.readouterr().out)["completions"]
+    assert [len(c["tokens"]) for c in bf16] == [6, 6]
 
 
 def test_generate_renders_each_prompt_as_a_user_turn_for_a_chat_model(tiny_model_dir, tmp_path, capsys):
@@ -238,6 +241,7 @@ def test_generate_and_bench_bad_input_is_one_line(tiny_model_dir, tmp_path, caps
             "--stream",
         ),
         (["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--kv-cache-dtype", "int8"], "int8"),
+        (["bench", "--model", str(tiny_model_dir), "--dtype", "int4"], "--dtype: invalid choice"),
     ]
     in_process = [
         (["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--stream", "--json"], "--stream and --json"),
@@ -264,6 +268,9 @@ def test_bench_reports_every_measurement(tiny_model_dir):
     assert set(report["latency_ms"]) == {"16", "64"} and set(report["decode_tokens_per_s"]) == {"1", "4"}
     assert report["prefill"]["time_to_first_token_ms"] > 0 and report["peak_memory_mb"] > 0
     assert report["transformers_generate"]["speedup"] > 0
+    assert (report["dtype"], report["device"]) == ("float32", "cpu") and "cpu, float32" in format_report(
+        report
+    )
     assert report["context_length"] == 512 and "beyond" not in format_report(report)
     assert "Total tokens: 40\n" in format_report(report)  # the seed's summary lines: 5 prompts x 8 tokens
     text = format_report({**report, "context_length": 32})  # positions past the trained context are flagged

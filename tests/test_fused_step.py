@@ -1,6 +1,8 @@
 """The whole decode step as one C call: the same logits and cache states as the module path, step
 after step, and the module path wherever the C step does not cover the model or the input."""
 
+import copy
+
 import pytest
 import torch
 
@@ -111,6 +113,52 @@ def test_bf16_kv_cache_matches_the_module_path_bit_for_bit(fused_runs, monkeypat
                 fused.k.dtype == kv_dtype and torch.equal(fused.k, plain.k) and torch.equal(fused.v, plain.v)
             )
     assert 0 < (got - wide).abs().max() < 0.05  # bf16 keys and values: close to the fp32 cache, not equal
+
+
+@pytest.mark.parametrize("batch", [1, 3, 12])  # one row; 4-row blocks; rows as vector lanes
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+def test_a_bf16_model_steps_as_the_fp32_step_does_on_its_values(batch, kv_dtype):
+    """A bf16 model's weight matrices are read as stored and widened, its small parameters widened
+    once: the same arithmetic as the fp32 step of a model holding the very same values, so the
+    hidden states and every cache state agree to fp32 rounding, step after step (a bf16 key may
+    still round to the neighbouring bf16 value: one bf16 step, 2**-8 relative)."""
+    tol = dict(atol=2e-6, rtol=1e-6) if kv_dtype == torch.float32 else dict(atol=1e-4, rtol=2**-8)
+    config = ModelConfig.from_preset("tiny", vocab_size=96, layer_pattern="MAMA", n_groups=2)
+    bf16 = _perturbed(config, seed=batch, biases=True).to(torch.bfloat16)
+    wide = copy.deepcopy(bf16).float()
+    caches = [m.allocate_cache(batch, capacity=8, kv_dtype=kv_dtype) for m in (bf16, wide)]
+    assert all(s.ssm.dtype == torch.float32 for s in caches[0].layers if hasattr(s, "ssm"))
+    torch.manual_seed(batch)
+    with torch.no_grad():
+        for _ in range(10):  # past the capacity: the KV buffers grow in between
+            hidden = torch.randn(batch, 1, config.d_model)
+            outs = []
+            for model, cache in zip((bf16, wide), caches, strict=True):
+                positions = cache.begin(1, None)
+                attn = model._attention_inputs(positions, None, cache, torch.float32)
+                out = hidden.clone()
+                assert fused_step.run(model, out, attn, cache)
+                cache.end(1)
+                outs.append(out)
+            torch.testing.assert_close(outs[0], outs[1], **tol)
+    for got, want in zip(caches[0].layers, caches[1].layers, strict=True):
+        for a, b in zip(vars(got).values(), vars(want).values(), strict=True):
+            if isinstance(a, torch.Tensor):
+                torch.testing.assert_close(a, b, **tol)
+
+
+def test_a_bf16_model_decodes_in_one_call_close_to_its_module_path(fused_runs, monkeypatch):
+    """End to end through the model: embedded bf16 tokens are widened for the call and the result
+    rounded back; the module path computes in bf16 throughout, so the two agree to bf16 rounding."""
+    model = _perturbed(ModelConfig.from_preset("tiny", vocab_size=96, layer_pattern="MAMA"), seed=9)
+    model = model.to(torch.bfloat16)
+    ids = torch.randint(0, 96, (2, 14))
+    got, _ = _decode(model, ids, prompt_len=5, reorder_at=9)
+    assert fused_runs and all(fused_runs)
+    _module_path(monkeypatch)
+    want, _ = _decode(model, ids, prompt_len=5, reorder_at=9)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), atol=0.05, rtol=0.05)
 
 
 def test_left_padded_rows_match_the_module_path_and_never_see_their_padding(fused_runs, monkeypatch):

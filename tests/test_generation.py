@@ -110,6 +110,22 @@ def test_a_bf16_kv_cache_halves_the_cache_and_keeps_greedy_close(monkeypatch):
         load_engine("unused-path", kv_cache_dtype="int8")  # refused before the model is read
 
 
+def test_a_half_precision_engine_decodes_like_its_own_full_forward(tiny_model_dir):
+    """--dtype casts the weights (after loading) and the cache follows them; the recurrent decode
+    steps in bf16/fp16 agree with a bf16/fp16 argmax loop over the whole sequence."""
+    fp32 = load_engine(str(tiny_model_dir))
+    prompt = fp32.encode(["To be or not"])[0]
+    cfg = GenerationConfig(max_new_tokens=6, temperature=0)
+    for name, dtype in (("bfloat16", torch.bfloat16), ("float16", torch.float16)):
+        engine = load_engine(str(tiny_model_dir), dtype=name)
+        assert {p.dtype for p in engine.model.parameters()} == {dtype}
+        cache = engine.model.allocate_cache(1)
+        assert {s.k.dtype for s in cache.layers if hasattr(s, "k")} == {dtype}
+        assert engine.generate([prompt], cfg)[0].tokens == argmax_loop(engine.model, prompt, 6)
+    with pytest.raises(GenerationError, match="--dtype int4: expected one of float32, bfloat16, float16"):
+        load_engine(str(tiny_model_dir), dtype="int4")
+
+
 def test_seeded_sampling_is_reproducible_and_stops_at_eos():
     model = tiny()
     cfg = SamplingConfig(max_new_tokens=20, temperature=1.0, top_p=0.9, seed=7)

@@ -114,14 +114,25 @@ def test_softmax_cross_entropy_rows_and_gradients():
 
 
 @pytest.mark.parametrize("rows", [1, 5, 9, 16])  # one row, 4-row blocks, rows as vector lanes
-def test_linear_rows_matches_matmul(rows):
+@pytest.mark.parametrize("in_features", [37, 150])  # a partial vector; two 64-wide blocks of sums and a tail
+def test_linear_rows_matches_matmul(rows, in_features):
     torch.manual_seed(5)
-    # 45 outputs: five 8-row blocks and a tail, not a multiple of 4 either; 37 inputs: a partial vector
-    x, weight, bias = torch.randn(rows, 37), torch.randn(45, 37), torch.randn(45)
+    # 45 outputs: five 8-row blocks and a tail, not a multiple of 4 either
+    x, weight, bias = torch.randn(rows, in_features), torch.randn(45, in_features), torch.randn(45)
     torch.testing.assert_close(
         kernels.linear_rows(x, weight, bias), x @ weight.t() + bias, atol=1e-5, rtol=1e-5
     )
     torch.testing.assert_close(kernels.linear_rows(x, weight, None), x @ weight.t(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 9, 16])
+@pytest.mark.parametrize("in_features", [37, 150])
+def test_linear_rows_reads_bf16_weights_as_the_values_they_hold(rows, in_features):
+    """A bf16 weight is widened, not rounded again: the product is the fp32 product of its values."""
+    torch.manual_seed(6)
+    x, weight, bias = torch.randn(rows, in_features), torch.randn(45, in_features).bfloat16(), torch.randn(45)
+    want = x @ weight.float().t() + bias
+    torch.testing.assert_close(kernels.linear_rows(x, weight, bias), want, atol=1e-5, rtol=1e-5)
 
 
 def test_linear_rows_refuses_more_rows_than_its_buffers_hold():
@@ -142,6 +153,21 @@ def test_decode_projection_uses_the_kernel_and_matches_f_linear(monkeypatch):
     assert calls  # few rows, no autograd: the kernel ran
     layer(torch.randn(3, 64, requires_grad=True)).sum().backward()  # training: F.linear, with gradients
     assert len(calls) == 1 and layer.weight.grad is not None
+
+
+def test_a_bf16_decode_projection_uses_the_kernel_with_fp32_sums(monkeypatch):
+    from mamba_slm.model.linear import Linear
+
+    calls = []
+    real = kernels.linear_rows
+    monkeypatch.setattr(kernels, "linear_rows", lambda *a: calls.append(a[1].dtype) or real(*a))
+    layer = Linear(300, 48, bias=True).to(torch.bfloat16)
+    x = torch.randn(2, 1, 300).bfloat16()
+    with torch.inference_mode():
+        got = layer(x)
+    want = F.linear(x.float(), layer.weight.float(), layer.bias.float())
+    assert calls == [torch.bfloat16] and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want.bfloat16(), atol=0, rtol=0)  # one rounding, at the end
 
 
 @pytest.mark.parametrize("batch", [1, 3])

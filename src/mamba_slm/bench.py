@@ -138,7 +138,8 @@ def hf_seed_benchmark(engine: Engine, args: BenchArgs) -> dict:
 
 def run_bench(engine: Engine, args: BenchArgs) -> dict:
     model = engine.model
-    report: dict = {"device": str(engine.device), "threads": torch.get_num_threads(),
+    report: dict = {"device": str(engine.device), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                    "threads": torch.get_num_threads(),
                     "parameters": model.num_parameters(), "context_length": model.config.max_position_embeddings,
                     "settings": asdict(args)}  # fmt: skip
     report["seed_benchmark"] = seed_benchmark(engine, args)
@@ -184,6 +185,6 @@ def format_report(r: dict) -> str:
         hf = r["transformers_generate"]
         lines.append(f"transformers generate (same weights): {hf['average_tokens_per_s']:.1f} tok/s; "
                      f"ours is {hf['speedup']:.2f}x")  # fmt: skip
-    lines.append(f"Peak memory: {r['peak_memory_mb']:.0f} MB ({r['device']}, {r['threads']} threads, "
+    lines.append(f"Peak memory: {r['peak_memory_mb']:.0f} MB ({r['device']}, {r['dtype']}, {r['threads']} threads, "
                  f"{r['parameters']:,} parameters)")  # fmt: skip
     return "\n".join(lines)

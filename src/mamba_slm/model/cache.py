@@ -41,8 +41,10 @@ class HybridCache:
         dtype: torch.dtype = torch.float32,
         kv_dtype: torch.dtype | None = None,
     ) -> None:
-        """dtype: the Mamba states' (and by default the keys' and values'); kv_dtype: the keys' and
-        values', e.g. bf16 to halve what attention layers store and read at long contexts."""
+        """dtype: the keys' and values' (unless kv_dtype says otherwise, e.g. bf16 to halve what
+        attention layers store and read at long contexts) and the Mamba-1 states'. Mamba-2 states
+        are fp32 whatever the weights' dtype: a recurrent state gathers rounding at every token
+        (bf16 keeps 8 bits), and the CPU's one-call decode step reads fp32 states."""
         self.config = config
         self.seqlen = 0  # slots written so far (padding included)
         self.capacity = max(1, capacity)
@@ -68,11 +70,12 @@ class HybridCache:
                 )
             elif c.mixer == "mamba2":
                 conv_dim = c.d_inner + 2 * c.n_groups * c.d_state
+                f32 = torch.float32
                 self.layers.append(
                     MambaState(
-                        torch.zeros(batch_size, c.d_conv - 1, conv_dim, device=device, dtype=dtype),
+                        torch.zeros(batch_size, c.d_conv - 1, conv_dim, device=device, dtype=f32),
                         torch.zeros(
-                            batch_size, c.n_ssm_heads, c.head_dim, c.d_state, device=device, dtype=dtype
+                            batch_size, c.n_ssm_heads, c.head_dim, c.d_state, device=device, dtype=f32
                         ),
                     )
                 )

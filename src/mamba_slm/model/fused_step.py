@@ -8,14 +8,18 @@ kernels (`linear_rows`, `mamba2_step`, `attend_one`, `mlp_rows`) back to back in
 Measured on 2 cores, same process: 3.20 -> 2.40 ms per batch-1 step at context 128, and
 1.2-1.25x at context 4k, at batch 16 and for a left-padded batch.
 
+A bf16 model's step reads its weight matrices as stored, half the bytes of fp32, and computes in
+fp32 (its hidden state is widened for the call, its Mamba states are fp32 in every cache, the
+small parameters are widened once per plan): a batch-1 step reads about half as much.
+
 The layers' weight pointers are gathered once per cache (one generation), like the other decode
 fast paths' checks; the state pointers are refreshed whenever the cache replaces a state tensor
 (beam search's row reordering, the KV buffers' growth). Anything the C step does not cover
 falls back to the module path, which computes the same thing: autograd, torch.compile, a GPU,
-non-fp32 weights, adapters or quantized layers (they are not plain `Linear`s), Mamba-1
-mixers, ALiBi or a sliding window narrower than the context, more rows than the few-row
-products are for. Left padding is covered: the attention skips the slots the cache marks as
-padding.
+weights other than fp32 or bf16, adapters or quantized layers (they are not plain `Linear`s),
+Mamba-1 mixers, ALiBi or a sliding window narrower than the context, more rows than the
+few-row products are for. Left padding is covered: the attention skips the slots the cache
+marks as padding.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ class StepLayer(ctypes.Structure):
     """Mirrors `StepLayer` in kernels.c, field for field."""
 
     _fields_ = [
-        ("kind", _L),
+        ("kind", _L), ("w_type", _L),
         ("norm_w", _P), ("norm_eps", _F),
         ("w_in", _P), ("b_in", _P), ("n_in", _L),
         ("w_out", _P), ("b_out", _P), ("n_mix", _L),
@@ -57,83 +61,102 @@ class StepLayer(ctypes.Structure):
 @dataclass
 class StepPlan:
     layers: ctypes.Array  # of StepLayer, one per block
-    keep: list  # tensors made for the plan (the conv taps, tap-major) that its pointers point into
+    keep: list  # tensors made for the plan (fp32 copies, the conv taps tap-major) its pointers point into
     states: list = field(default_factory=list)  # the cache state tensors the pointers were taken from
+
+
+class _NotCovered(Exception):
+    """A layer the C step does not cover: the module path runs instead."""
 
 
 def _ptr(t: Tensor | None) -> int | None:
     return t.data_ptr() if t is not None else None
 
 
-def _plain(*modules: nn.Module) -> bool:
-    """Plain `Linear`s (no adapter, no quantized wrapper) with fp32 contiguous CPU weights."""
+def _fp32(t: Tensor | None, keep: list) -> int | None:
+    """The address of t as a contiguous fp32 CPU tensor: t itself, or a copy the plan keeps."""
+    if t is None:
+        return None
+    if t.device.type != "cpu":
+        raise _NotCovered
+    if not (t.dtype is torch.float32 and t.is_contiguous()):
+        t = t.detach().float().contiguous()
+        keep.append(t)
+    return t.data_ptr()
+
+
+def _matrices(layer: StepLayer, *modules: nn.Module) -> list[int]:
+    """The weight addresses of plain `Linear`s (no adapter, no quantized wrapper): contiguous CPU
+    matrices of one element type the kernels read (fp32 or bf16), which sets the layer's w_type."""
     if any(type(m) is not Linear for m in modules):
-        return False
-    tensors = [t for m in modules for t in (m.weight, m.bias) if t is not None]
-    return kernels.fp32_cpu(*tensors) and all(t.is_contiguous() for t in tensors)
+        raise _NotCovered
+    weights = [m.weight for m in modules]
+    dtype = weights[0].dtype
+    if dtype not in kernels.ELEMENT_TYPES or not all(
+        w.dtype == dtype and w.device.type == "cpu" and w.is_contiguous() for w in weights
+    ):
+        raise _NotCovered
+    layer.w_type = kernels.ELEMENT_TYPES[dtype]
+    return [w.data_ptr() for w in weights]
 
 
-def _mamba_layer(layer: StepLayer, m: Mamba2Mixer, keep: list) -> bool:
-    params = [m.conv1d.weight, m.conv1d.bias, m.dt_bias, m.A_log, m.D, m.norm.weight]
-    present = [p for p in params if p is not None]
-    if not (_plain(m.in_proj, m.out_proj) and kernels.fp32_cpu(*present)):
-        return False
-    if not all(p.is_contiguous() for p in present):
-        return False
-    layer.kind = 0
-    layer.w_in, layer.b_in, layer.n_in = (
-        _ptr(m.in_proj.weight),
-        _ptr(m.in_proj.bias),
-        m.in_proj.weight.shape[0],
+def _mamba_layer(layer: StepLayer, m: Mamba2Mixer, keep: list) -> None:
+    (layer.w_in, layer.w_out), layer.n_in = _matrices(layer, m.in_proj, m.out_proj), m.in_proj.weight.shape[0]
+    layer.b_in, layer.b_out, layer.n_mix = (
+        _fp32(m.in_proj.bias, keep),
+        _fp32(m.out_proj.bias, keep),
+        m.d_inner,
     )
-    layer.w_out, layer.b_out, layer.n_mix = _ptr(m.out_proj.weight), _ptr(m.out_proj.bias), m.d_inner
-    taps = m.conv1d.weight.view(m.conv_dim, -1).t().contiguous()  # once per plan, not per step
-    keep.append(taps)
-    layer.conv_wT, layer.conv_b = _ptr(taps), _ptr(m.conv1d.bias)
-    layer.dt_bias, layer.A_log, layer.D, layer.gnorm_w = (_ptr(p) for p in params[2:])
+    layer.kind = 0
+    layer.conv_wT = _fp32(m.conv1d.weight.view(m.conv_dim, -1).t(), keep)  # tap-major, once per plan
+    layer.conv_b, layer.dt_bias, layer.A_log, layer.D, layer.gnorm_w = (
+        _fp32(p, keep) for p in (m.conv1d.bias, m.dt_bias, m.A_log, m.D, m.norm.weight)
+    )
     layer.H, layer.P, layer.G, layer.N = m.n_heads, m.head_dim, m.n_groups, m.d_state
     layer.K, layer.gnorm_groups, layer.gnorm_eps = m.conv1d.weight.shape[-1], m.norm.n_groups, m.norm.eps
-    return True
 
 
-def _attention_layer(layer: StepLayer, a: Attention) -> bool:
-    if not _plain(a.q_proj, a.k_proj, a.v_proj, a.o_proj):
-        return False
+def _attention_layer(layer: StepLayer, a: Attention, keep: list) -> None:
+    layer.w_in, layer.w_k, layer.w_v, layer.w_out = _matrices(layer, a.q_proj, a.k_proj, a.v_proj, a.o_proj)
+    layer.b_in, layer.b_k, layer.b_v, layer.b_out = (
+        _fp32(p.bias, keep) for p in (a.q_proj, a.k_proj, a.v_proj, a.o_proj)
+    )
     layer.kind = 1
-    layer.w_in, layer.b_in = _ptr(a.q_proj.weight), _ptr(a.q_proj.bias)
-    layer.w_k, layer.b_k = _ptr(a.k_proj.weight), _ptr(a.k_proj.bias)
-    layer.w_v, layer.b_v = _ptr(a.v_proj.weight), _ptr(a.v_proj.bias)
-    layer.w_out, layer.b_out = _ptr(a.o_proj.weight), _ptr(a.o_proj.bias)
     layer.heads, layer.kv_heads, layer.head_dim = a.n_heads, a.n_kv_heads, a.head_dim
     layer.n_mix = a.n_heads * a.head_dim
     layer.n_in = layer.n_mix + 2 * a.n_kv_heads * a.head_dim
-    return True
+
+
+def _mlp(layer: StepLayer, block: nn.Module, keep: list) -> None:
+    projections = (block.mlp.gate_proj, block.mlp.up_proj, block.mlp.down_proj)
+    if any(p.bias is not None for p in projections):
+        raise _NotCovered
+    w_type = layer.w_type
+    layer.w_gate, layer.w_up, layer.w_down = _matrices(layer, *projections)
+    if layer.w_type != w_type:  # one element type per layer
+        raise _NotCovered
+    layer.mlp_norm_w, layer.mlp_eps = _fp32(block.mlp_norm.weight, keep), block.mlp_norm.eps
+    layer.inter = projections[0].weight.shape[0]
 
 
 def build_plan(model: nn.Module) -> StepPlan | None:
     """The weight half of the plan, or None if some layer is not one the C step covers."""
     layers, keep = (StepLayer * len(model.layers))(), []
-    for block, layer in zip(model.layers, layers, strict=True):
-        if block.compiled_step is not None or not kernels.fp32_cpu(block.input_norm.weight):
-            return None
-        layer.norm_w, layer.norm_eps = _ptr(block.input_norm.weight), block.input_norm.eps
-        if isinstance(block.mixer, Mamba2Mixer):
-            covered = _mamba_layer(layer, block.mixer, keep)
-        elif isinstance(block.mixer, Attention):
-            covered = _attention_layer(layer, block.mixer)
-        else:
-            covered = False
-        if not covered:
-            return None
-        if block.mlp is not None:
-            weights = block._plain_mlp_weights()
-            if weights is None:
+    try:
+        for block, layer in zip(model.layers, layers, strict=True):
+            if block.compiled_step is not None:
                 return None
-            norm_w, layer.mlp_eps, gate, up, down = weights
-            layer.mlp_norm_w, layer.w_gate, layer.w_up, layer.w_down = (
-                _ptr(t) for t in (norm_w, gate, up, down)
-            )
-            layer.inter = gate.shape[0]
+            layer.norm_w, layer.norm_eps = _fp32(block.input_norm.weight, keep), block.input_norm.eps
+            if isinstance(block.mixer, Mamba2Mixer):
+                _mamba_layer(layer, block.mixer, keep)
+            elif isinstance(block.mixer, Attention):
+                _attention_layer(layer, block.mixer, keep)
+            else:
+                return None
+            if block.mlp is not None:
+                _mlp(layer, block, keep)
+    except _NotCovered:
+        return None
     return StepPlan(layers, keep)
 
 
@@ -184,8 +207,8 @@ def run(model: nn.Module, hidden: Tensor, attn: AttentionInputs | None, cache: H
         rows > MAX_ROWS
         or torch.is_grad_enabled()
         or torch.compiler.is_compiling()
-        or not kernels.fp32_cpu(hidden)
-        or not hidden.is_contiguous()
+        or hidden.device.type != "cpu"
+        or hidden.dtype not in kernels.ELEMENT_TYPES
         or not _padding_at_most(model.config, attn, cache)
     ):
         return False
@@ -197,10 +220,13 @@ def run(model: nn.Module, hidden: Tensor, attn: AttentionInputs | None, cache: H
         return False
     cos = sin = None
     if attn is not None and attn.cos is not None:
-        cos, sin = attn.cos.contiguous(), attn.sin.contiguous()
+        cos, sin = attn.cos.float().contiguous(), attn.sin.float().contiguous()
     valid = cache.valid if cache.padded else None  # which slots are real tokens, per row
+    x = hidden.float().contiguous()  # hidden itself when it is fp32 and contiguous
     done = kernels.library().hybrid_step(
-        plan.layers, len(plan.layers), hidden.data_ptr(), rows, hidden.shape[-1], _ptr(cos), _ptr(sin),
+        plan.layers, len(plan.layers), x.data_ptr(), rows, hidden.shape[-1], _ptr(cos), _ptr(sin),
         _ptr(valid), cache.capacity, cache.seqlen, torch.get_num_threads(),
     )  # fmt: skip
+    if done and x is not hidden:
+        hidden.copy_(x)
     return bool(done)

@@ -3,8 +3,9 @@
  * Built and loaded by kernels.py (gcc -O3 -march=native -fopenmp). The OpenMP runtime is the one
  * PyTorch already loaded (same soname), so these loops share its thread pool.
  *
- * Tensors are row-major fp32. A "row" is the last dimension; inputs that come from a split of a
- * wider projection are read with their row stride (`*_ld`), outputs are contiguous.
+ * Tensors are row-major fp32, except what decode steps read in bulk: weight matrices and KV
+ * caches may be bf16 (see F32/BF16 below). A "row" is the last dimension; inputs that come from a
+ * split of a wider projection are read with their row stride (`*_ld`), outputs are contiguous.
  */
 #include <math.h>
 #include <stdint.h>
@@ -17,6 +18,25 @@ static inline float sigmoid(float v) { return 1.0f / (1.0f + expf(fminf(-v, 80.0
 
 /* silu'(v) = s (1 + v (1 - s)), s = sigmoid(v) */
 static inline float silu_grad(float v, float s) { return s * (1.0f + v * (1.0f - s)); }
+
+/* Element types of what decode steps read in bulk, a bf16 model's weight matrices and the KV
+ * caches: fp32, or bf16 for half the bytes. A bf16 is the upper half of an fp32 (rounded to
+ * nearest even, as PyTorch rounds), so converting it back vectorizes as a widening shift; the
+ * arithmetic stays fp32. gcc 12 leaves fp16 conversions scalar, hence no fp16 here. */
+enum { F32 = 0, BF16 = 1 };
+static inline float bf16_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+static inline uint16_t f32_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+#define LOAD_F32(p) (p)
+#define LOAD_BF16(p) bf16_f32(p)
 
 /* ------------------------------------------------------------------ causal depthwise conv + SiLU */
 
@@ -260,22 +280,52 @@ void softmax_xent(float *logits, long rows, long V, const long *targets, const f
 
 /* ------------------------------------------------------------------ few-row linear (decode) */
 
-static void dot4(const float *restrict w, long K, const float *restrict x, float *restrict out) {
-    const float *restrict w1 = w + K, *restrict w2 = w + 2 * K, *restrict w3 = w + 3 * K;
-    float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
-    for (long k = 0; k < K; k++) {
-        float v = x[k];
-        a0 += w[k] * v;
-        a1 += w1[k] * v;
-        a2 += w2[k] * v;
-        a3 += w3[k] * v;
+/* The weights W (N x K) of these products are fp32 or bf16 (`wt`); x, y and the sums are fp32.
+ * Each loop is written once per type (the *_LOOP macros) so that both vectorize. */
+static inline const void *w_at(const void *W, int wt, long i) {
+    return (const char *)W + i * (wt == BF16 ? sizeof(uint16_t) : sizeof(float));
+}
+
+#define DOT4_LOOP(T, LOAD)                                                                           \
+    {                                                                                                \
+        const T *restrict w0 = w, *restrict w1 = w0 + K, *restrict w2 = w0 + 2 * K, *restrict w3 = w0 + 3 * K; \
+        for (long k = 0; k < K; k++) {                                                               \
+            float v = x[k];                                                                          \
+            a0 += LOAD(w0[k]) * v;                                                                   \
+            a1 += LOAD(w1[k]) * v;                                                                   \
+            a2 += LOAD(w2[k]) * v;                                                                   \
+            a3 += LOAD(w3[k]) * v;                                                                   \
+        }                                                                                            \
     }
+
+static void dot4(const void *w, int wt, long K, const float *restrict x, float *restrict out) {
+    float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+    if (wt == BF16)
+        DOT4_LOOP(uint16_t, LOAD_BF16)
+    else
+        DOT4_LOOP(float, LOAD_F32)
     out[0] = a0, out[1] = a1, out[2] = a2, out[3] = a3;
 }
 
-static float dot1(const float *restrict w, const float *restrict x, long K) {
+/* 64 partial sums: four vector accumulators, so the loop waits on memory, not on the latency of
+ * one chain of dependent FMAs (which capped a bf16 row at ~70% of its bandwidth bound). */
+#define DOT1_LOOP(T, LOAD)                                                                           \
+    {                                                                                                \
+        const T *restrict wk = w;                                                                    \
+        float part[64] = {0};                                                                        \
+        long k = 0;                                                                                  \
+        for (; k + 64 <= K; k += 64)                                                                 \
+            for (int j = 0; j < 64; j++) part[j] += LOAD(wk[k + j]) * x[k + j];                      \
+        for (; k < K; k++) acc += LOAD(wk[k]) * x[k];                                                \
+        for (int j = 0; j < 64; j++) acc += part[j];                                                 \
+    }
+
+static float dot1(const void *w, int wt, const float *restrict x, long K) {
     float acc = 0.0f;
-    for (long k = 0; k < K; k++) acc += w[k] * x[k];
+    if (wt == BF16)
+        DOT1_LOOP(uint16_t, LOAD_BF16)
+    else
+        DOT1_LOOP(float, LOAD_F32)
     return acc;
 }
 
@@ -284,19 +334,34 @@ typedef float v16 __attribute__((vector_size(64)));
 
 /* out[i][r] = W_i . x_r for NB weight rows against xT (K x 16: the 16 lanes are the input rows).
  * Each step is one vector load of xT and NB broadcast FMAs, with no horizontal sums; while a block
- * runs, the next block's rows are prefetched, one cache line per row per 16 steps. */
-static void block16(const float *restrict xT, const float *restrict W, long K, const float *next,
+ * runs, the next block's rows are prefetched, one cache line per row per 16 steps. bf16 rows are
+ * widened 16 columns at a time into `wide`, so the FMAs read fp32 either way: the conversion is
+ * shared by the 16 lanes instead of repeated in each broadcast. */
+static void block16(const float *restrict xT, const void *W, int wt, long K, const void *next,
                     float *restrict out) {
     v16 acc[NB];
+    float wide[NB * 16] __attribute__((aligned(64)));
     for (int i = 0; i < NB; i++) acc[i] = (v16){0};
     for (long k0 = 0; k0 < K; k0 += 16) {
         if (next)
-            for (int i = 0; i < NB; i++) __builtin_prefetch(next + i * K + k0, 0, 3);
+            for (int i = 0; i < NB; i++) __builtin_prefetch(w_at(next, wt, i * K + k0), 0, 3);
         long k1 = k0 + 16 < K ? k0 + 16 : K;
-        for (long k = k0; k < k1; k++) {
-            v16 xv = *(const v16 *)(xT + k * 16);
+        const float *restrict wr = (const float *)W + k0; /* row i, column k0 + j: wr[i * ws + j] */
+        long ws = K;
+        if (wt == BF16) {
+            const uint16_t *restrict wb = (const uint16_t *)W + k0;
+            if (k1 - k0 == 16) /* a fixed length: one vector per row */
+                for (int i = 0; i < NB; i++)
+                    for (int j = 0; j < 16; j++) wide[i * 16 + j] = bf16_f32(wb[i * K + j]);
+            else
+                for (int i = 0; i < NB; i++)
+                    for (long j = 0; j < k1 - k0; j++) wide[i * 16 + j] = bf16_f32(wb[i * K + j]);
+            wr = wide, ws = 16;
+        }
+        for (long j = 0; j < k1 - k0; j++) {
+            v16 xv = *(const v16 *)(xT + (k0 + j) * 16);
 #pragma GCC unroll 16
-            for (int i = 0; i < NB; i++) acc[i] += W[i * K + k] * xv;
+            for (int i = 0; i < NB; i++) acc[i] += wr[i * ws + j] * xv;
         }
     }
     for (int i = 0; i < NB; i++) memcpy(out + i * 16, &acc[i], sizeof(v16));
@@ -305,8 +370,8 @@ static void block16(const float *restrict xT, const float *restrict W, long K, c
 /* 9 to 16 rows: the rows, transposed and zero-padded to 16, fill one vector's lanes. Each thread
  * transposes its own copy: reading one thread's copy from the other core cost more than the
  * transposition (~5 us per call). Returns 0 (nothing written) when the copies cannot be allocated. */
-static int linear_rows16(const float *x, long x_ld, const float *W, const float *bias, float *y, long R,
-                         long N, long K, int nt) {
+static int linear_rows16(const float *x, long x_ld, const void *W, int wt, const float *bias, float *y,
+                         long R, long N, long K, int nt) {
     float *copies = aligned_alloc(64, (size_t)nt * K * 16 * sizeof(float));
     if (!copies) return 0;
     long blocks = N / NB;
@@ -319,48 +384,51 @@ static int linear_rows16(const float *x, long x_ld, const float *W, const float 
         for (long b = 0; b < blocks; b++) {
             float out[NB * 16] __attribute__((aligned(64)));
             long n = b * NB;
-            block16(xT, W + n * K, K, b + 1 < blocks ? W + (n + NB) * K : NULL, out);
+            block16(xT, w_at(W, wt, n * K), wt, K, b + 1 < blocks ? w_at(W, wt, (n + NB) * K) : NULL, out);
             for (long r = 0; r < R; r++)
                 for (int i = 0; i < NB; i++) y[r * N + n + i] = out[i * 16 + r] + (bias ? bias[n + i] : 0.0f);
         }
     }
     for (long n = blocks * NB; n < N; n++)
-        for (long r = 0; r < R; r++) y[r * N + n] = dot1(W + n * K, x + r * x_ld, K) + (bias ? bias[n] : 0.0f);
+        for (long r = 0; r < R; r++)
+            y[r * N + n] = dot1(w_at(W, wt, n * K), wt, x + r * x_ld, K) + (bias ? bias[n] : 0.0f);
     free(copies);
     return 1;
 }
 
-/* y (R x N) = x (R x K) W^T + bias, W (N x K), for the few rows of a decode step. Each thread
- * streams its own block of weight rows once. One row is bound by reading the weights; with 2-8
- * rows, four weight rows sit in L1 while every input row passes over them; from 9 rows on the
+/* y (R x N) = x (R x K) W^T + bias, W (N x K) of type wt, for the few rows of a decode step. Each
+ * thread streams its own block of weight rows once. One row is bound by reading the weights; with
+ * 2-8 rows, four weight rows sit in L1 while every input row passes over them; from 9 rows on the
  * arithmetic dominates and the rows become vector lanes (linear_rows16). Both multi-row paths
  * prefetch the weights ahead by hand: the hardware prefetcher alone left the stream stalled
  * behind the arithmetic. A step's 16-row products on 2 cores: 6.4 ms with four weight rows per
  * block and no prefetch, 4.2 with prefetch, ~3.3 as lanes. */
-void linear_rows(const float *x, long x_ld, const float *W, const float *bias, float *y, long R, long N,
-                 long K, int nt) {
+void linear_rows(const float *x, long x_ld, const void *W, int wt, const float *bias, float *y, long R,
+                 long N, long K, int nt) {
     if (R == 1) { /* one stream per thread prefetches best when there is a single row */
 #pragma omp parallel for num_threads(nt) schedule(static)
-        for (long n = 0; n < N; n++) y[n] = dot1(W + n * K, x, K) + (bias ? bias[n] : 0.0f);
+        for (long n = 0; n < N; n++) y[n] = dot1(w_at(W, wt, n * K), wt, x, K) + (bias ? bias[n] : 0.0f);
         return;
     }
-    if (R > 8 && linear_rows16(x, x_ld, W, bias, y, R, N, K, nt)) return;
-    long lines = 4 * K / 16, per_row = (lines + R - 1) / R; /* cache lines of a 4-row block */
+    if (R > 8 && linear_rows16(x, x_ld, W, wt, bias, y, R, N, K, nt)) return;
+    long block_bytes = (long)((const char *)w_at(W, wt, 4 * K) - (const char *)W);
+    long lines = block_bytes / 64, per_row = (lines + R - 1) / R; /* cache lines of a 4-row block */
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (long n = 0; n < N - 3; n += 4) {
         float t[4];
-        const float *ahead = W + (n + 8) * K; /* two blocks ahead */
+        const char *ahead = w_at(W, wt, (n + 8) * K); /* two blocks ahead */
         int pf = n + 12 <= N;
         for (long r = 0; r < R; r++) {
             if (pf) /* spread over the input rows */
                 for (long l = r * per_row; l < (r + 1) * per_row && l < lines; l++)
-                    __builtin_prefetch(ahead + l * 16, 0, 3);
-            dot4(W + n * K, K, x + r * x_ld, t);
+                    __builtin_prefetch(ahead + l * 64, 0, 3);
+            dot4(w_at(W, wt, n * K), wt, K, x + r * x_ld, t);
             for (int i = 0; i < 4; i++) y[r * N + n + i] = t[i] + (bias ? bias[n + i] : 0.0f);
         }
     }
     for (long n = N / 4 * 4; n < N; n++)
-        for (long r = 0; r < R; r++) y[r * N + n] = dot1(W + n * K, x + r * x_ld, K) + (bias ? bias[n] : 0.0f);
+        for (long r = 0; r < R; r++)
+            y[r * N + n] = dot1(w_at(W, wt, n * K), wt, x + r * x_ld, K) + (bias ? bias[n] : 0.0f);
 }
 
 /* ------------------------------------------------------------------ Mamba-2 decode step */
@@ -452,23 +520,6 @@ void mamba2_step(const float *zxbcdt, long zx_ld, float *conv_state, const float
 
 #define KEYS 64 /* keys per block of the online softmax */
 
-/* The KV cache's element types: fp32, or bf16 to halve what long contexts read. A bf16 is the
- * upper half of an fp32 (rounded to nearest even, as PyTorch rounds), so converting it back
- * vectorizes as a widening shift; gcc 12 leaves fp16 conversions scalar, hence no fp16 here. */
-enum { KV_F32 = 0, KV_BF16 = 1 };
-static inline float bf16_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-static inline uint16_t f32_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
-#define LOAD_F32(p) (p)
-#define LOAD_BF16(p) bf16_f32(p)
 
 /* One (row, head): softmax(scale * K q) V over T keys in one pass over blocks of keys with an
  * online softmax (the running max and sum rescale what is accumulated so far), so each block's
@@ -534,7 +585,7 @@ void attend_one(const float *q, long q_bs, long q_hs, const void *k, long k_bs, 
         const float *qv = q + b * q_bs + h * q_hs;
         const unsigned char *ok = valid ? valid + b * valid_ld : NULL;
         float *s = scratch + bh * KEYS, *o = out + bh * D;
-        if (kv_type == KV_BF16) {
+        if (kv_type == BF16) {
             const uint16_t *kh = (const uint16_t *)k + ko, *vh = (const uint16_t *)v + vo;
             attend_head_bf16(qv, kh, k_ts, vh, v_ts, ok, s, o, T, D, scale);
         } else {
@@ -546,7 +597,7 @@ void attend_one(const float *q, long q_bs, long q_hs, const void *k, long k_bs, 
 
 /* Writes n floats into a KV cache slot of kv_type elements. */
 static void store_kv(void *dst, const float *src, long n, int kv_type) {
-    if (kv_type == KV_BF16)
+    if (kv_type == BF16)
         for (long i = 0; i < n; i++) ((uint16_t *)dst)[i] = f32_bf16(src[i]);
     else
         memcpy(dst, src, n * sizeof(float));
@@ -557,28 +608,32 @@ static void store_kv(void *dst, const float *src, long n, int kv_type) {
 /* out = x + down(silu(gate(n)) * up(n)), n = RMSNorm(x) * norm_w, for R rows of a decode step:
  * the block's norm, three products and SwiGLU as one call. normed (R x D), g and u (R x I) are
  * scratch. */
-void mlp_rows(const float *x, const float *norm_w, float eps, const float *Wg, const float *Wu,
-              const float *Wd, float *out, float *normed, float *g, float *u, long R, long D, long I, int nt) {
+void mlp_rows(const float *x, const float *norm_w, float eps, const void *Wg, const void *Wu, const void *Wd,
+              int wt, float *out, float *normed, float *g, float *u, long R, long D, long I, int nt) {
     rms_norm_fwd(x, D, norm_w, normed, R, D, eps, 1);
-    linear_rows(normed, D, Wg, NULL, g, R, I, D, nt);
-    linear_rows(normed, D, Wu, NULL, u, R, I, D, nt);
+    linear_rows(normed, D, Wg, wt, NULL, g, R, I, D, nt);
+    linear_rows(normed, D, Wu, wt, NULL, u, R, I, D, nt);
 #pragma omp parallel for num_threads(nt) schedule(static) if (R > 1) /* one row: a fork costs more */
     for (long i = 0; i < R * I; i++) g[i] = g[i] * sigmoid(g[i]) * u[i];
-    linear_rows(g, I, Wd, NULL, out, R, D, I, nt);
+    linear_rows(g, I, Wd, wt, NULL, out, R, D, I, nt);
     for (long i = 0; i < R * D; i++) out[i] += x[i];
 }
 
 /* ------------------------------------------------------------------ a whole decode step */
 
 /* One layer of a hybrid model for `hybrid_step`; mirrored by `StepLayer` in fused_step.py.
- * Unused pointers are NULL (a bias-free projection, a block without MLP). */
+ * Unused pointers are NULL (a bias-free projection, a block without MLP). The weight matrices
+ * (w_*) hold w_type elements; every other parameter is fp32. */
 typedef struct {
     long kind; /* 0: Mamba-2 mixer, 1: attention */
+    long w_type;
     const float *norm_w;
     float norm_eps;
-    const float *w_in, *b_in; /* Mamba: in_proj (n_in x D); attention: q_proj */
-    long n_in;                /* Mamba: in_proj's outputs; attention: q, k and v's together */
-    const float *w_out, *b_out; /* out_proj / o_proj (D x n_mix) */
+    const void *w_in;
+    const float *b_in; /* Mamba: in_proj (n_in x D); attention: q_proj */
+    long n_in;         /* Mamba: in_proj's outputs; attention: q, k and v's together */
+    const void *w_out;
+    const float *b_out; /* out_proj / o_proj (D x n_mix) */
     long n_mix;                 /* d_inner, or heads x head_dim */
     /* Mamba-2 */
     float *conv_state, *ssm;
@@ -586,13 +641,16 @@ typedef struct {
     long H, P, G, N, K, gnorm_groups;
     float gnorm_eps;
     /* attention: RoPE'd keys and values are written at slot `slot` of the caches (R x Hkv x cap x hd) */
-    const float *w_k, *b_k, *w_v, *b_v;
+    const void *w_k;
+    const float *b_k;
+    const void *w_v;
+    const float *b_v;
     void *k_cache, *v_cache; /* kv_type elements */
     long heads, kv_heads, head_dim, capacity, kv_type;
     /* MLP (w_gate NULL: none) */
     const float *mlp_norm_w;
     float mlp_eps;
-    const float *w_gate, *w_up, *w_down;
+    const void *w_gate, *w_up, *w_down;
     long inter;
 } StepLayer;
 
@@ -639,21 +697,21 @@ int hybrid_step(const StepLayer *layers, long n_layers, float *x, long R, long D
         const StepLayer *L = &layers[i];
         rms_norm_fwd(x, D, L->norm_w, normed, R, D, L->norm_eps, 1);
         if (L->kind == 0) {
-            linear_rows(normed, D, L->w_in, L->b_in, in, R, L->n_in, D, nt);
+            linear_rows(normed, D, L->w_in, L->w_type, L->b_in, in, R, L->n_in, D, nt);
             mamba2_step_taps(in, L->n_in, L->conv_state, L->conv_wT, L->conv_b, L->dt_bias, L->A_log, L->D,
                              L->ssm, L->gnorm_w, y, scratch, R, L->n_mix, L->H, L->P, L->G, L->N, L->K,
                              L->gnorm_groups, L->gnorm_eps, nt);
         } else {
             long hd = L->head_dim, q_w = L->heads * hd, kv_w = L->kv_heads * hd, cap = L->capacity;
             float *q = in, *k = q + R * q_w, *v = k + R * kv_w;
-            linear_rows(normed, D, L->w_in, L->b_in, q, R, q_w, D, nt);
-            linear_rows(normed, D, L->w_k, L->b_k, k, R, kv_w, D, nt);
-            linear_rows(normed, D, L->w_v, L->b_v, v, R, kv_w, D, nt);
+            linear_rows(normed, D, L->w_in, L->w_type, L->b_in, q, R, q_w, D, nt);
+            linear_rows(normed, D, L->w_k, L->w_type, L->b_k, k, R, kv_w, D, nt);
+            linear_rows(normed, D, L->w_v, L->w_type, L->b_v, v, R, kv_w, D, nt);
             if (cos) { /* NULL: no position encoding */
                 rope_rows(q, R, q_w, L->heads, hd, cos, sin);
                 rope_rows(k, R, kv_w, L->kv_heads, hd, cos, sin);
             }
-            size_t elem = L->kv_type == KV_F32 ? sizeof(float) : sizeof(uint16_t);
+            size_t elem = L->kv_type == F32 ? sizeof(float) : sizeof(uint16_t);
             for (long r = 0; r < R; r++)
                 for (long h = 0; h < L->kv_heads; h++) {
                     size_t at = (((size_t)(r * L->kv_heads + h) * cap + slot) * hd) * elem;
@@ -664,10 +722,10 @@ int hybrid_step(const StepLayer *layers, long n_layers, float *x, long R, long D
                        L->kv_heads * cap * hd, cap * hd, hd, L->kv_type, valid, valid_ld, y, scores, R,
                        L->heads, L->kv_heads, T, hd, 1.0f / sqrtf((float)hd), R * L->heads > 1 ? nt : 1);
         }
-        linear_rows(y, L->n_mix, L->w_out, L->b_out, delta, R, D, L->n_mix, nt);
+        linear_rows(y, L->n_mix, L->w_out, L->w_type, L->b_out, delta, R, D, L->n_mix, nt);
         for (long j = 0; j < R * D; j++) x[j] += delta[j];
         if (L->w_gate) {
-            mlp_rows(x, L->mlp_norm_w, L->mlp_eps, L->w_gate, L->w_up, L->w_down, tmp, normed, g, u, R, D,
+            mlp_rows(x, L->mlp_norm_w, L->mlp_eps, L->w_gate, L->w_up, L->w_down, L->w_type, tmp, normed, g, u, R, D,
                      L->inter, nt);
             memcpy(x, tmp, R * D * sizeof(float));
         }

@@ -51,7 +51,7 @@ _SIGNATURES = {
     "rms_norm_fwd": [_P, _L, _P, _P, _L, _L, _F, _I],
     "rms_norm_bwd": [_P, _L, _P, _P, _P, _P, _P, _L, _L, _F, _I],
     "softmax_xent": [_P, _L, _L, _P, _P, _P, _I],
-    "linear_rows": [_P, _L, _P, _P, _P, _L, _L, _L, _I],
+    "linear_rows": [_P, _L, _P, _I, _P, _P, _L, _L, _L, _I],
     "mamba2_step": [_P, _L, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P] + [_L] * 8 + [_F, _I],
     "attend_one": [
         _P,
@@ -78,7 +78,7 @@ _SIGNATURES = {
         _F,
         _I,
     ],
-    "mlp_rows": [_P, _P, _F, _P, _P, _P, _P, _P, _P, _P, _L, _L, _L, _I],
+    "mlp_rows": [_P, _P, _F, _P, _P, _P, _I, _P, _P, _P, _P, _L, _L, _L, _I],
     "hybrid_step": [_P, _L, _P, _L, _L, _P, _P, _P, _L, _L, _I],
 }
 _RETURNS = {"hybrid_step": ctypes.c_int}
@@ -358,19 +358,23 @@ def softmax_cross_entropy_(logits: Tensor, targets: Tensor, scale: Tensor) -> Te
 
 
 LINEAR_ROWS = 16  # the most rows the C products take (a 16-lane vector of rows)
+# F32, BF16 in kernels.c: the element types decode kernels read weight matrices and KV caches as.
+ELEMENT_TYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
 def linear_rows(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """x @ weight.T + bias for a few rows (at most LINEAR_ROWS) of a contiguous x (..., in) ->
-    (..., out), contiguous weight. Lean on purpose: it runs for every projection of every decode step."""
+    """x @ weight.T + bias for a few rows (at most LINEAR_ROWS) of a contiguous fp32 x (..., in) ->
+    (..., out), contiguous fp32 or bf16 weight (ELEMENT_TYPES), fp32 bias. Lean on purpose: it runs
+    for every projection of every decode step."""
     out_features, in_features = weight.shape
     rows = x.numel() // in_features
     if rows > LINEAR_ROWS:  # the C code's buffers hold 16 rows: more would be read past their end
         raise ValueError(f"linear_rows: at most {LINEAR_ROWS} rows, got {rows}")
     y = torch.empty(*x.shape[:-1], out_features, dtype=x.dtype)
     library().linear_rows(
-        x.data_ptr(), in_features, weight.data_ptr(), bias.data_ptr() if bias is not None else None,
-        y.data_ptr(), rows, out_features, in_features, torch.get_num_threads(),
+        x.data_ptr(), in_features, weight.data_ptr(), ELEMENT_TYPES[weight.dtype],
+        bias.data_ptr() if bias is not None else None, y.data_ptr(), rows, out_features, in_features,
+        torch.get_num_threads(),
     )  # fmt: skip
     return y
 
@@ -407,7 +411,7 @@ def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 ATTEND_KEYS = 64  # KEYS in kernels.c: the keys per block of attend_one's online softmax
-KV_TYPES = {torch.float32: 0, torch.bfloat16: 1}  # KV_F32, KV_BF16 in kernels.c
+KV_TYPES = ELEMENT_TYPES  # the KV caches' element types
 
 
 def attend_one(q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None = None) -> Tensor:
@@ -440,6 +444,6 @@ def mlp_rows(x: Tensor, norm_weight: Tensor, eps: float, gate: Tensor, up: Tenso
     g, u = torch.empty(rows, inter, dtype=x.dtype), torch.empty(rows, inter, dtype=x.dtype)
     library().mlp_rows(
         x.data_ptr(), norm_weight.data_ptr(), eps, gate.data_ptr(), up.data_ptr(), down.data_ptr(),
-        out.data_ptr(), normed.data_ptr(), g.data_ptr(), u.data_ptr(), rows, d, inter, torch.get_num_threads(),
+        ELEMENT_TYPES[gate.dtype], out.data_ptr(), normed.data_ptr(), g.data_ptr(), u.data_ptr(), rows, d, inter, torch.get_num_threads(),
     )  # fmt: skip
     return out
