@@ -11,13 +11,15 @@ Models: the ~30M benchmark size of benchmarks/model_speed.py (vocab 8192, d_mode
   * HF `Mamba2ForCausalLM` `generate` at the same size (a pure state-space peer);
 and, for our engine, per-token latency at context positions 128 / 1k / 4k (also with a bf16 KV
 cache), decode throughput at batch 1 / 4 / 16, and the memory-bandwidth bound of batch-1 decode
-(weight bytes read per token over this machine's measured read bandwidth). Rounds are
-interleaved and the best round kept.
+(weight bytes read per token over this machine's measured read bandwidth). The same weights
+rounded to bf16 (`--dtype bfloat16`: the C step reads them as stored, sums in fp32) get a row of
+their own, with their own bound. Rounds are interleaved and the best round kept.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import time
@@ -102,8 +104,10 @@ def main() -> None:
         build("ours").eval(), compile=True
     )  # the same weights (same seed), compiled decode step
     compiled.model.load_state_dict(ours.state_dict())
+    bf16 = Engine(copy.deepcopy(ours).to(torch.bfloat16))  # the same weights rounded to bf16
     runners = {
         "ours": lambda p: engine.generate([p], config),
+        "ours_bf16": lambda p: bf16.generate([p], config),
         "ours_compiled": lambda p: compiled.generate([p], config),
         "ours_hf": hf_generate(ours_hf),
         "llama": hf_generate(llama),
@@ -129,7 +133,7 @@ def main() -> None:
         return figures
 
     bf16_kv = Engine(ours, kv_cache_dtype=torch.bfloat16)  # the same model, keys and values in bf16
-    best: dict[str, dict] = {"eager": {}, "compiled": {}, "bf16_kv": {}}
+    best: dict[str, dict] = {"eager": {}, "compiled": {}, "bf16_kv": {}, "bf16": {}}
     bandwidth = 0.0  # the best of the rounds too, like the step times it is compared with
     for _ in range(args.decode_rounds):
         bandwidth = max(bandwidth, read_bandwidth_gbs())
@@ -137,6 +141,7 @@ def main() -> None:
             ("eager", engine, (128, 1024, 4096), (1, 4, 16)),
             ("compiled", compiled, (128, 4096), (1, 16)),
             ("bf16_kv", bf16_kv, (128, 4096), ()),
+            ("bf16", bf16, (128, 4096), (1, 16)),
         ):
             for key, sec in decode_figures(eng, positions, batches).items():
                 best[label][key] = min(best[label].get(key, float("inf")), sec)
@@ -145,6 +150,10 @@ def main() -> None:
     compiled_latency = {pos: best["compiled"][("latency", pos)] for pos in (128, 4096)}
     compiled_batch = {b: 1 / best["compiled"][("batch", b)] for b in (1, 16)}
     bf16_latency = {pos: best["bf16_kv"][("latency", pos)] for pos in (128, 4096)}
+    half_latency = {pos: best["bf16"][("latency", pos)] for pos in (128, 4096)}
+    half_batch = {b: 1 / best["bf16"][("batch", b)] for b in (1, 16)}
+    half_bytes = weight_bytes_per_token(bf16.model)
+    half_bound = bandwidth * 1e9 / half_bytes
     wbytes = weight_bytes_per_token(ours)
     kv = {pos: kv_bytes_per_token(ours, pos) for pos in (128, 4096)}
     floor = (wbytes + kv[4096]) / (wbytes + kv[128])  # the 4k/128 ratio if both steps ran at the bound
@@ -157,6 +166,8 @@ def main() -> None:
         "| generator | tokens/s | ours vs it |",
         "|---|---|---|",
         f"| mamba-slm `Engine` | {speeds['ours']:.1f} | 1.00x |",
+        f"| mamba-slm `Engine`, bf16 weights (`--dtype bfloat16`; not the same numbers) | "
+        f"{speeds['ours_bf16']:.1f} | {speeds['ours'] / speeds['ours_bf16']:.2f}x |",
         f"| mamba-slm `Engine(compile=True)` (compiled decode step) | {speeds['ours_compiled']:.1f} | "
         f"{speeds['ours'] / speeds['ours_compiled']:.2f}x |",
         f"| our model through transformers `generate` (same weights) | {speeds['ours_hf']:.1f} | "
@@ -175,6 +186,9 @@ def main() -> None:
         f"{compiled_batch[16] / compiled_batch[1]:.2f}x |",
         f"| bf16 KV cache (`--kv-cache-dtype bfloat16`): {1000 * bf16_latency[128]:.2f} ms / - / "
         f"{1000 * bf16_latency[4096]:.2f} ms | {bf16_latency[4096] / bf16_latency[128]:.2f}x | - | - |",
+        f"| bf16 weights (`--dtype bfloat16`, bf16 KV cache): {1000 * half_latency[128]:.2f} ms / - / "
+        f"{1000 * half_latency[4096]:.2f} ms | {half_latency[4096] / half_latency[128]:.2f}x | "
+        f"{half_batch[1]:.0f} / - / {half_batch[16]:.0f} | {half_batch[16] / half_batch[1]:.2f}x |",
         "",
         f"Memory-bandwidth bound of batch-1 decode: {wbytes / 1e6:.1f} MB of weights read per token / "
         f"{bandwidth:.1f} GB/s measured read bandwidth = {bound:.0f} tokens/s ({1000 / bound:.2f} ms/token); "
@@ -182,6 +196,9 @@ def main() -> None:
         f"compiled {1000 * compiled_latency[128]:.2f} ms ({100 * (1000 / bound) / (1000 * compiled_latency[128]):.0f}%). "
         f"At context 4k a step also reads {kv[4096] / 1e6:.1f} MB of cached keys and values (128: {kv[128] / 1e6:.1f} MB), "
         f"so at the bound the 4k vs 128 latency ratio would be {floor:.2f}x. "
+        f"With bf16 weights a step reads {half_bytes / 1e6:.1f} MB: bound {half_bound:.0f} tokens/s "
+        f"({1000 / half_bound:.2f} ms/token), and the bf16 step takes {1000 * half_latency[128]:.2f} ms "
+        f"({100 * (1000 / half_bound) / (1000 * half_latency[128]):.0f}% of that bound's speed). "
         f"Peak RSS of this run: {max_rss_mb():.0f} MB.",
         "",
     ])  # fmt: skip
