@@ -161,6 +161,21 @@ def test_a_bf16_model_decodes_in_one_call_close_to_its_module_path(fused_runs, m
     torch.testing.assert_close(got.float(), want.float(), atol=0.05, rtol=0.05)
 
 
+@pytest.mark.parametrize("pattern", ["AA", "MA"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_without_the_c_library_every_model_decodes_on_the_module_path(
+    pattern, dtype, fused_runs, monkeypatch
+):
+    model = HybridLM(ModelConfig.from_preset("tiny", vocab_size=96, layer_pattern=pattern)).eval().to(dtype)
+    ids = torch.randint(0, 96, (2, 9))
+    want, _ = _decode(model, ids, prompt_len=5)
+    monkeypatch.setattr(fused_step.kernels, "library", lambda: None)  # no compiler, or MAMBA_SLM_KERNELS=0
+    fused_runs.clear()
+    got, _ = _decode(model, ids, prompt_len=5)
+    assert fused_runs and not any(fused_runs)
+    torch.testing.assert_close(got.float(), want.float(), atol=0.05, rtol=0.05)
+
+
 def test_left_padded_rows_match_the_module_path_and_never_see_their_padding(fused_runs, monkeypatch):
     model = _perturbed(ModelConfig.from_preset("tiny", vocab_size=96, layer_pattern="MAMA"), seed=7)
     ids = torch.randint(0, 96, (3, 14))

@@ -207,6 +207,7 @@ def run(model: nn.Module, hidden: Tensor, attn: AttentionInputs | None, cache: H
         rows > MAX_ROWS
         or torch.is_grad_enabled()
         or torch.compiler.is_compiling()
+        or kernels.library() is None
         or hidden.device.type != "cpu"
         or hidden.dtype not in kernels.ELEMENT_TYPES
         or not _padding_at_most(model.config, attn, cache)
