@@ -135,6 +135,17 @@ def test_linear_rows_reads_bf16_weights_as_the_values_they_hold(rows, in_feature
     torch.testing.assert_close(kernels.linear_rows(x, weight, bias), want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_decode_projection_of_no_rows_or_the_wrong_width_is_an_error_not_a_crash(dtype):
+    from mamba_slm.model.linear import Linear
+
+    layer = Linear(300, 48).to(dtype)
+    with torch.no_grad():
+        assert layer(torch.zeros(0, 300, dtype=dtype)).shape == (0, 48)  # was SIGFPE in the C kernel
+        with pytest.raises(RuntimeError, match="cannot be multiplied"):
+            layer(torch.zeros(2, 150, dtype=dtype))  # was a (2, 48) result read past x's end
+
+
 def test_linear_rows_refuses_more_rows_than_its_buffers_hold():
     with pytest.raises(ValueError, match="at most 16 rows, got 17"):
         kernels.linear_rows(torch.randn(17, 8), torch.randn(4, 8), None)

@@ -12,9 +12,11 @@ A bf16 model's step reads its weight matrices as stored, half the bytes of fp32,
 fp32 (its hidden state is widened for the call, its Mamba states are fp32 in every cache, the
 small parameters are widened once per plan): a batch-1 step reads about half as much.
 
-The layers' weight pointers are gathered once per cache (one generation), like the other decode
-fast paths' checks; the state pointers are refreshed whenever the cache replaces a state tensor
-(beam search's row reordering, the KV buffers' growth). Anything the C step does not cover
+The layers' weight pointers (and the fp32 copies: conv taps, a bf16 model's small parameters) are
+gathered once per cache, that is once per generation, like the other decode fast paths' checks:
+weights edited in place in the middle of a generation are not all seen until the next one. The
+state pointers are refreshed whenever the cache replaces a state tensor (beam search's row
+reordering, the KV buffers' growth). Anything the C step does not cover
 falls back to the module path, which computes the same thing: autograd, torch.compile, a GPU,
 weights other than fp32 or bf16, adapters or quantized layers (they are not plain `Linear`s),
 Mamba-1 mixers, ALiBi or a sliding window narrower than the context, more rows than the

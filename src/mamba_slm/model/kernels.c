@@ -317,7 +317,8 @@ static void dot4(const void *w, int wt, long K, const float *restrict x, float *
         for (; k + 64 <= K; k += 64)                                                                 \
             for (int j = 0; j < 64; j++) part[j] += LOAD(wk[k + j]) * x[k + j];                      \
         for (; k < K; k++) acc += LOAD(wk[k]) * x[k];                                                \
-        for (int j = 0; j < 64; j++) acc += part[j];                                                 \
+        if (K >= 64)                                                                                 \
+            for (int j = 0; j < 64; j++) acc += part[j];                                             \
     }
 
 static float dot1(const void *w, int wt, const float *restrict x, long K) {
@@ -405,6 +406,7 @@ static int linear_rows16(const float *x, long x_ld, const void *W, int wt, const
  * block and no prefetch, 4.2 with prefetch, ~3.3 as lanes. */
 void linear_rows(const float *x, long x_ld, const void *W, int wt, const float *bias, float *y, long R,
                  long N, long K, int nt) {
+    if (R <= 0) return; /* an empty batch */
     if (R == 1) { /* one stream per thread prefetches best when there is a single row */
 #pragma omp parallel for num_threads(nt) schedule(static)
         for (long n = 0; n < N; n++) y[n] = dot1(w_at(W, wt, n * K), wt, x, K) + (bias ? bias[n] : 0.0f);

@@ -367,6 +367,10 @@ def linear_rows(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     (..., out), contiguous fp32 or bf16 weight (ELEMENT_TYPES), fp32 bias. Lean on purpose: it runs
     for every projection of every decode step."""
     out_features, in_features = weight.shape
+    if x.shape[-1] != in_features:  # F.linear's error, not rows read past x's end
+        raise RuntimeError(
+            f"mat1 and mat2 shapes cannot be multiplied ({x.shape[-1]} inputs, weight {tuple(weight.shape)})"
+        )
     rows = x.numel() // in_features
     if rows > LINEAR_ROWS:  # the C code's buffers hold 16 rows: more would be read past their end
         raise ValueError(f"linear_rows: at most {LINEAR_ROWS} rows, got {rows}")
