@@ -155,6 +155,9 @@ def test_generate_json_prompt_file_and_stream(tiny_model_dir, tmp_path, capsys, 
     assert main([*args, "--prompt-file", str(prompts), "--json", "--dtype", "bfloat16"]) == 0
     bf16 = json.loads(capsys.readouterr().out)["completions"]
     assert [len(c["tokens"]) for c in bf16] == [6, 6]
+    assert main([*args, "--prompt-file", str(prompts), "--json", "--prompt-lookup", "3"]) == 0
+    looked_up = json.loads(capsys.readouterr().out)["completions"]
+    assert [c["tokens"] for c in looked_up] == [c["tokens"] for c in out["completions"]]
 
 
 def test_generate_renders_each_prompt_as_a_user_turn_for_a_chat_model(tiny_model_dir, tmp_path, capsys):
@@ -248,6 +251,7 @@ def test_generate_and_bench_bad_input_is_one_line(tiny_model_dir, tmp_path, caps
         (["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--penalty-alpha", "0.6", "-n", "2"],
          "-n/--num-return-sequences: contrastive search"),
         (["chat", "--model", str(tiny_model_dir), "--num-beams", "2"], "--num-beams"),
+        (["chat", "--model", str(tiny_model_dir), "--prompt-lookup", "4"], "--prompt-lookup: plain greedy"),
     ]  # fmt: skip
     for argv, message in in_process:
         assert main(argv) == 2
@@ -261,7 +265,7 @@ def test_generate_and_bench_bad_input_is_one_line(tiny_model_dir, tmp_path, caps
 
 def test_bench_reports_every_measurement(tiny_model_dir):
     result = run("bench", "--model", str(tiny_model_dir), "--max-new-tokens", "8", "--positions", "16,64",
-                 "--batch-sizes", "1,4", "--compare", "hf", "--json")  # fmt: skip
+                 "--batch-sizes", "1,4", "--compare", "hf", "--prompt-lookup", "2", "--json")  # fmt: skip
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert len(report["seed_benchmark"]["runs"]) == 5 and report["seed_benchmark"]["peak_tokens_per_s"] > 0
@@ -273,6 +277,8 @@ def test_bench_reports_every_measurement(tiny_model_dir):
     )
     assert report["context_length"] == 512 and "beyond" not in format_report(report)
     assert "Total tokens: 40\n" in format_report(report)  # the seed's summary lines: 5 prompts x 8 tokens
+    assert "prompt lookup: up to 2 drafted tokens" in format_report(report)  # the seed benchmark's setting
+    assert "refuses prompt lookup" in format_report(report)
     text = format_report({**report, "context_length": 32})  # positions past the trained context are flagged
     assert "64: beyond the model's 32-token context" in text and "16," not in text.split("(")[-1]
 

@@ -234,7 +234,7 @@ def test_uncovered_layers_keep_the_module_path_and_their_outputs(fused_runs):
     mamba1 = _perturbed(ModelConfig.from_preset("tiny", vocab_size=96, mixer="mamba1"), seed=5)
     ids = torch.randint(0, 96, (1, 7))
     _decode(mamba1, ids, prompt_len=5)
-    assert fused_runs == [False, False]
+    assert fused_runs == [False] * 3  # the 5-token prefill of one row, then two steps
 
     model = _perturbed(ModelConfig.from_preset("tiny", vocab_size=96), seed=6)
     _decode(model, ids, prompt_len=5)  # a first generation on the plain model: the C step
@@ -245,5 +245,22 @@ def test_uncovered_layers_keep_the_module_path_and_their_outputs(fused_runs):
                 p.normal_(0, 0.5)
         want = peft_model(input_ids=ids).logits[:, -2:]  # a full forward: adapters applied
     got, _ = _decode(peft_model.base_model.model, ids, prompt_len=5)
-    assert fused_runs == [False, False, True, True, False, False]
+    assert fused_runs == [False] * 3 + [True] * 3 + [False] * 3
     torch.testing.assert_close(got.transpose(0, 1), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kv_dtype", [None, torch.bfloat16])
+def test_a_few_tokens_of_one_row_run_as_one_call_with_the_full_forward_logits(kv_dtype, fused_runs):
+    """A short prefill or a draft to verify: the tokens of one row through the C step together,
+    the Mamba states token after token, each token attending up to its own slot."""
+    model = _perturbed(ModelConfig.from_preset("tiny", vocab_size=96, layer_pattern="MAMA"), seed=8)
+    ids = torch.randint(0, 96, (1, 40))
+    cache = model.allocate_cache(1, capacity=3, kv_dtype=kv_dtype)  # the KV buffers grow in between
+    with torch.no_grad():
+        want = model(ids).logits
+        got = torch.cat(
+            [model(ids[:, s : s + n], cache=cache).logits for s, n in ((0, 7), (7, 16), (23, 1), (24, 16))], 1
+        )
+    assert fused_runs == [True] * 4 and cache.trail is None  # no trail unless the cache keeps one
+    tol = 1e-4 if kv_dtype is None else 3e-2
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)

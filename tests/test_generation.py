@@ -295,7 +295,7 @@ def test_incremental_text_equals_a_full_decode_after_every_token(tokenizer):
 def test_generation_runs_in_eval_mode_and_leaves_a_training_model_training():
     model = tiny().train()
     modes = []
-    model.layers[0].register_forward_hook(lambda module, args, out: modes.append(module.training))
+    model.register_forward_hook(lambda module, args, out: modes.append(module.training))
     engine = Engine(model)
     assert model.training
     engine.generate([[1, 2, 3]], GenerationConfig(max_new_tokens=3))

@@ -196,6 +196,7 @@ def add_generation_args(p: argparse.ArgumentParser, temperature: float, max_new_
     p.add_argument("--num-beams", type=int, default=1, help="> 1: beam search")
     p.add_argument("--length-penalty", type=float, default=1.0)
     p.add_argument("--penalty-alpha", type=float, default=0.0, help="> 0: contrastive search")
+    add_lookup_arg(p)
     p.add_argument("--stop", action="append", default=[], type=unescape,
                    help=r"a stop string (repeatable); \n, \t, \r and \\ are read as escapes, e.g. --stop '\n\n'")  # fmt: skip
     p.add_argument("--seed", type=int)
@@ -206,6 +207,12 @@ def add_generation_args(p: argparse.ArgumentParser, temperature: float, max_new_
         help="torch.compile the decode step (for GPUs; a CPU's C step is faster)",
     )
     add_dtype_args(p)
+
+
+def add_lookup_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
+                   help="greedy only: draft up to N tokens per pass from earlier text (prompt-lookup decoding); "
+                   "the same tokens, faster where the text repeats itself")  # fmt: skip
 
 
 def add_dtype_args(p: argparse.ArgumentParser) -> None:
@@ -250,7 +257,7 @@ def _generation_config(engine, args: argparse.Namespace, **extra):
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=top_k,
         min_p=args.min_p, repetition_penalty=args.repetition_penalty, num_beams=args.num_beams,
         length_penalty=args.length_penalty, penalty_alpha=args.penalty_alpha, stop_strings=tuple(args.stop),
-        seed=args.seed, **extra,
+        seed=args.seed, prompt_lookup=args.prompt_lookup, **extra,
     )  # fmt: skip
 
 
@@ -389,7 +396,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     engine = load_engine(args.model, args.adapter, args.device, args.compile, args.kv_cache_dtype, args.dtype)
     bench_args = BenchArgs(max_new_tokens=args.max_new_tokens, positions=args.positions,
-                           batch_sizes=args.batch_sizes, compare_hf=args.compare == "hf")  # fmt: skip
+                           batch_sizes=args.batch_sizes, compare_hf=args.compare == "hf",
+                           prompt_lookup=args.prompt_lookup)  # fmt: skip
     report = run_bench(engine, bench_args)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
 
@@ -532,6 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device")
     bench.add_argument("--compile", action="store_true", help="compile the decode step first")
     add_dtype_args(bench)
+    add_lookup_arg(bench)
     bench.add_argument("--max-new-tokens", type=int, default=100)
     bench.add_argument("--positions", type=int_list, default=(128, 1024, 4096),
                        help="context positions for per-token latency")  # fmt: skip

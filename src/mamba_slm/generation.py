@@ -33,6 +33,7 @@ from .errors import describe
 from .model.hybrid import HybridLM
 from .model.linear import MAX_ROWS
 from .search import RepetitionPenalty, beam_search, contrastive_steps, penalize_repetition  # noqa: F401 (public here too)
+from .speculative import lookup_steps
 
 KV_ROOM = 1024  # new tokens the first KV allocation holds beyond the prompt
 GPU_ROWS = 256  # default rows of a batch on a GPU: enough to fill it for small models, bounded memory
@@ -59,6 +60,7 @@ class GenerationConfig:
     early_stopping: bool = True  # beam search ends once num_beams hypotheses are finished
     penalty_alpha: float = 0.0  # > 0 with top_k > 1: contrastive search
     seed: int | None = None
+    prompt_lookup: int = 0  # > 0, greedy only: draft up to this many tokens per pass (speculative.py)
 
     def __post_init__(self) -> None:
         checks = [
@@ -71,6 +73,7 @@ class GenerationConfig:
             ("num_return_sequences", self.num_return_sequences >= 1, "at least 1"),
             ("num_beams", self.num_beams >= 1, "at least 1"),
             ("penalty_alpha", 0 <= self.penalty_alpha <= 1, "in [0, 1]"),
+            ("prompt_lookup", self.prompt_lookup >= 0, ">= 0"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -87,6 +90,12 @@ class GenerationConfig:
             raise GenerationError(
                 "num_return_sequences: contrastive search is deterministic, one sequence per prompt; "
                 f"got {self.num_return_sequences}"
+            )
+        if self.prompt_lookup and (self.strategy != "greedy" or self.repetition_penalty != 1.0
+                                   or self.num_return_sequences > 1):  # fmt: skip
+            raise GenerationError(
+                "prompt_lookup: plain greedy decoding only (temperature 0, one beam, no contrastive "
+                "search, no repetition penalty, one sequence per prompt)"
             )
         self.stop_token_ids = tuple(self.stop_token_ids)
         self.stop_strings = tuple(s for s in self.stop_strings if s)
@@ -299,12 +308,15 @@ class Engine:
         """Completions for every prompt: num_return_sequences each, prompt by prompt.
         batch_size: prompts decoded together; by default as many as give 16 rows on a CPU (the most
         the one-call decode step takes), `GPU_ROWS` elsewhere. Batches group prompts of similar
-        length, so that little of a batch is padding; the order of the results stays the prompts'."""
+        length, so that little of a batch is padding; the order of the results stays the prompts'.
+        With prompt_lookup, one prompt at a time."""
         config = config or self.default_config()
         ids = self.encode(prompts)
         if batch_size is not None and batch_size < 1:
             raise GenerationError(f"batch_size: expected at least 1, got {batch_size}")
         size = batch_size or self.default_batch_size(config, len(ids))
+        if config.prompt_lookup:  # drafts are per row
+            size = 1
         if size >= len(ids):
             return self._generate_batch(ids, config, cancel)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
@@ -414,6 +426,11 @@ class Engine:
     def _sample_steps(self, ids: list[list[int]], config: GenerationConfig) -> Iterator[Tensor]:
         """Prefill once, then yield (rows,) next tokens; the consumer stops the iteration."""
         logits, cache, _, tokens, mask = self._prefill(ids, config)
+        if config.prompt_lookup:
+            yield from lookup_steps(
+                self.model, logits, cache, ids[0], config.prompt_lookup, config.max_new_tokens
+            )
+            return
         n = config.num_return_sequences
         if n > 1:
             cache.expand_rows(n)

@@ -56,6 +56,12 @@ class HybridCache:
         # Decode fast-path checks on a layer's parameters, made once per cache (one generation)
         # instead of at every step: the parameters do not change in the middle of a generation.
         self.memo: dict = {}
+        # With keep_trail, a pass of several tokens keeps what `rewind` needs to take some back
+        # (speculative decoding's rejected draft): the CPU's one-call step, each Mamba layer's
+        # state after every token (`trail`); the module path, a `snapshot` from before the pass.
+        self.keep_trail = False
+        self.trail: list[Tensor | None] | None = None  # per layer (None: attention), (tokens, states)
+        self.pass_start: tuple | None = None
         self.layers: list[MambaState | KVState] = []
         c = config
         kv_dtype = kv_dtype or dtype
@@ -95,6 +101,7 @@ class HybridCache:
     def begin(self, new_len: int, mask: Tensor | None) -> Tensor:
         """Reserve slots for `new_len` tokens; returns their positions (b, new_len)."""
         self._ensure_capacity(self.seqlen + new_len)
+        self.trail = self.pass_start = None  # from the pass before: no longer of use
         sl = slice(self.seqlen, self.seqlen + new_len)
         if mask is None:
             self.valid[:, sl] = True
@@ -123,6 +130,48 @@ class HybridCache:
 
     def has_padding(self, new_len: int) -> bool:
         return self.padded and not bool(self.key_valid(new_len).all())
+
+    # ------------------------------------------------------------------ taking tokens back
+    def rewind(self, n: int) -> bool:
+        """Forget the last n tokens of the last pass (of more than n tokens, run with keep_trail).
+        True: done, the Mamba states are those after the pass's token len - n - 1 (its trail).
+        False: the pass left no trail (the module path), so the cache went back to before the
+        pass and the caller runs its first len - n tokens again."""
+        length = next((t.shape[0] for t in self.trail or () if t is not None), n + 1)
+        if self.trail is not None and n < length:
+            for state, trail in zip(self.layers, self.trail, strict=True):
+                if trail is not None:
+                    saved = trail[length - n - 1]
+                    state.conv.view(-1).copy_(saved[: state.conv.numel()])
+                    state.ssm.view(-1).copy_(saved[state.conv.numel() :])
+            self._forget(self.seqlen - n)
+            return True
+        if self.pass_start is None:
+            raise ValueError(f"rewind: the last pass kept nothing to take {n} tokens back with")
+        self.restore(self.pass_start)
+        return False
+
+    def snapshot(self) -> tuple:
+        """What `restore` needs to return here: the position and the Mamba states (copied); the
+        keys and values stay, later slots are only hidden."""
+        mamba = [(s.conv.clone(), s.ssm.clone()) if isinstance(s, MambaState) else None for s in self.layers]
+        return self.seqlen, mamba
+
+    def restore(self, snapshot: tuple) -> None:
+        seqlen, mamba = snapshot
+        for state, saved in zip(self.layers, mamba, strict=True):
+            if saved is not None:
+                state.conv.copy_(saved[0])
+                state.ssm.copy_(saved[1])
+        self._forget(seqlen)
+
+    def _forget(self, seqlen: int) -> None:
+        """Slots from `seqlen` on no longer hold tokens."""
+        dropped = self.valid[:, seqlen : self.seqlen]
+        self.next_pos -= dropped.sum(1)
+        dropped.fill_(False)
+        self.seqlen = seqlen
+        self.trail = self.pass_start = None
 
     # ------------------------------------------------------------------ row operations
     def select_rows(self, index: Tensor) -> HybridCache:

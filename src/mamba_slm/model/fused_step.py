@@ -8,6 +8,13 @@ kernels (`linear_rows`, `mamba2_step`, `attend_one`, `mlp_rows`) back to back in
 Measured on 2 cores, same process: 3.20 -> 2.40 ms per batch-1 step at context 128, and
 1.2-1.25x at context 4k, at batch 16 and for a left-padded batch.
 
+The same call also takes up to MAX_ROWS tokens of one row (a short prompt's prefill, a draft
+that speculative decoding verifies): the products read each weight once for all of them, the
+Mamba recurrences run token after token, and each token attends up to its own slot. Measured on
+the benchmark model, 4 tokens of one row cost about one one-token step (the module path took
+~2x that); with `HybridCache.keep_trail` it records each Mamba layer's state after every token,
+so that rejected draft tokens can be taken back (`HybridCache.rewind`).
+
 A bf16 model's step reads its weight matrices as stored, half the bytes of fp32, and computes in
 fp32 (its hidden state is widened for the call, its Mamba states are fp32 in every cache, the
 small parameters are widened once per plan): a batch-1 step reads about half as much.
@@ -187,32 +194,49 @@ def _bind_states(plan: StepPlan, cache: HybridCache) -> bool:
     return True
 
 
-def _padding_at_most(config, attn: AttentionInputs | None, cache: HybridCache) -> bool:
-    """Whether this step's attention mask, if any, only hides padding, which the C step reads
-    from the cache's valid slots; ALiBi biases and a sliding window narrower than the context
-    are the module path's."""
+def _padding_at_most(config, attn: AttentionInputs | None, cache: HybridCache, new_len: int) -> bool:
+    """Whether this pass's attention mask, if any, only hides padding and later tokens, which the
+    C step reads from the cache's valid slots and its own slot order; ALiBi biases and a sliding
+    window narrower than the context are the module path's."""
     if attn is None or attn.mask is None:
         return True
     window = config.sliding_window
     return (
         config.pos_encoding != "alibi"
-        and (window is None or window > cache.seqlen)
+        and (window is None or window >= cache.seqlen + new_len)
         and cache.valid.is_contiguous()
     )
 
 
+def _trail(plan: StepPlan, cache: HybridCache, tokens: int) -> tuple[ctypes.Array | None, list | None]:
+    """Per Mamba layer, room for its states after each of `tokens` tokens (`HybridCache.rewind`),
+    where the cache asks for it; the pointers for the C call, and the tensors for the cache."""
+    if not cache.keep_trail:
+        return None, None
+    trail = [
+        torch.empty(tokens, s.conv.numel() + s.ssm.numel()) if isinstance(s, MambaState) else None
+        for s in cache.layers
+    ]
+    return (ctypes.c_void_p * len(trail))(*(_ptr(t) for t in trail)), trail
+
+
 def run(model: nn.Module, hidden: Tensor, attn: AttentionInputs | None, cache: HybridCache) -> bool:
-    """Advance `hidden` (b, 1, d_model), the embedded tokens, through every block in place and
-    the cache's states with it. False (nothing done) where the module path must run instead."""
-    rows = hidden.shape[0]
+    """Advance `hidden`, the embedded tokens, through every block in place and the cache's states
+    with it: (b, 1, d_model), one token for each of b rows, or (1, l, d_model), l tokens of one
+    row (a short prefill, a draft to verify; with `cache.keep_trail` it records a trail). False
+    (nothing done) where the module path must run instead."""
+    batch, new_len = hidden.shape[:2]
+    seq = new_len > 1
+    rows = new_len if seq else batch  # of the few-row products
     if (
-        rows > MAX_ROWS
+        (seq and batch > 1)
+        or rows > MAX_ROWS
         or torch.is_grad_enabled()
         or torch.compiler.is_compiling()
         or kernels.library() is None
         or hidden.device.type != "cpu"
         or hidden.dtype not in kernels.ELEMENT_TYPES
-        or not _padding_at_most(model.config, attn, cache)
+        or not _padding_at_most(model.config, attn, cache, new_len)
     ):
         return False
     key = (model, "hybrid_step")
@@ -226,10 +250,13 @@ def run(model: nn.Module, hidden: Tensor, attn: AttentionInputs | None, cache: H
         cos, sin = attn.cos.float().contiguous(), attn.sin.float().contiguous()
     valid = cache.valid if cache.padded else None  # which slots are real tokens, per row
     x = hidden.float().contiguous()  # hidden itself when it is fp32 and contiguous
+    trail_ptrs, trail = _trail(plan, cache, new_len) if seq else (None, None)
     done = kernels.library().hybrid_step(
         plan.layers, len(plan.layers), x.data_ptr(), rows, hidden.shape[-1], _ptr(cos), _ptr(sin),
-        _ptr(valid), cache.capacity, cache.seqlen, torch.get_num_threads(),
+        _ptr(valid), cache.capacity, cache.seqlen, int(seq), trail_ptrs, torch.get_num_threads(),
     )  # fmt: skip
     if done and x is not hidden:
         hidden.copy_(x)
+    if done:
+        cache.trail = trail
     return bool(done)

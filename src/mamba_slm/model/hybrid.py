@@ -205,9 +205,12 @@ class HybridLM(nn.Module):
 
         hidden = self.embed_tokens(input_ids)  # (b, l, d)
         attn = self._attention_inputs(positions, mask, cache, hidden.dtype)
-        # The one-call step takes real new tokens only: a padding token must stay out of the states.
-        one_call = cache is not None and seqlen == 1 and mask is None
+        # The one-call step takes real new tokens only (a padding token must stay out of the
+        # states): one per row, or a few of one row.
+        one_call = cache is not None and mask is None and (seqlen == 1 or (b == 1 and seqlen <= MAX_ROWS))
         if not (one_call and fused_step.run(self, hidden, attn, cache)):
+            if cache is not None and cache.keep_trail and seqlen > 1:
+                cache.pass_start = cache.snapshot()
             for block in self.layers:
                 if self.gradient_checkpointing and self.training:
                     hidden = checkpoint(block, hidden, mask, attn, cache, use_reentrant=False)

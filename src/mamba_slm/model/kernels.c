@@ -675,9 +675,16 @@ static void rope_rows(float *t, long R, long ld, long heads, long hd, const floa
  * Python-level calls per step, and no gaps in which the weight stream goes cold. cos/sin (R x hd)
  * rotate the attention layers' queries and keys; `slot` is the cache slot of this token, so the
  * attention reads slot + 1 keys, those that `valid` (R x valid_ld bytes, or NULL) marks real.
- * Returns 0 (x untouched) when scratch cannot be allocated. */
+ *
+ * seq = 1: the R rows are instead R consecutive tokens of the cache's one sequence (a short
+ * prefill, or a draft to verify), at slots slot .. slot + R - 1. The products still read each
+ * weight once for all R tokens; the Mamba recurrences run token after token, and token r attends
+ * to slot + r + 1 keys. trails (n_layers pointers, NULL for attention layers, or NULL) receive a
+ * Mamba layer's state after each token, conv window then SSM state, so that a caller can rewind
+ * to any of them. Returns 0 (x untouched) when scratch cannot be allocated. */
 int hybrid_step(const StepLayer *layers, long n_layers, float *x, long R, long D, const float *cos,
-                const float *sin, const unsigned char *valid, long valid_ld, long slot, int nt) {
+                const float *sin, const unsigned char *valid, long valid_ld, long slot, long seq,
+                float *const *trails, int nt) {
     long wide = D, conv = 0, inter = 0, heads = 0, mix = 0;
     for (long i = 0; i < n_layers; i++) {
         const StepLayer *L = &layers[i];
@@ -700,9 +707,18 @@ int hybrid_step(const StepLayer *layers, long n_layers, float *x, long R, long D
         rms_norm_fwd(x, D, L->norm_w, normed, R, D, L->norm_eps, 1);
         if (L->kind == 0) {
             linear_rows(normed, D, L->w_in, L->w_type, L->b_in, in, R, L->n_in, D, nt);
-            mamba2_step_taps(in, L->n_in, L->conv_state, L->conv_wT, L->conv_b, L->dt_bias, L->A_log, L->D,
-                             L->ssm, L->gnorm_w, y, scratch, R, L->n_mix, L->H, L->P, L->G, L->N, L->K,
-                             L->gnorm_groups, L->gnorm_eps, nt);
+            long rows = seq ? 1 : R, conv_n = (L->K - 1) * (L->n_mix + 2 * L->G * L->N);
+            long ssm_n = L->H * L->P * L->N;
+            for (long r = 0; r < R; r += rows) {
+                mamba2_step_taps(in + r * L->n_in, L->n_in, L->conv_state, L->conv_wT, L->conv_b, L->dt_bias,
+                                 L->A_log, L->D, L->ssm, L->gnorm_w, y + r * L->n_mix, scratch, rows, L->n_mix,
+                                 L->H, L->P, L->G, L->N, L->K, L->gnorm_groups, L->gnorm_eps, nt);
+                if (seq && trails && trails[i]) {
+                    float *t = trails[i] + r * (conv_n + ssm_n);
+                    memcpy(t, L->conv_state, conv_n * sizeof(float));
+                    memcpy(t + conv_n, L->ssm, ssm_n * sizeof(float));
+                }
+            }
         } else {
             long hd = L->head_dim, q_w = L->heads * hd, kv_w = L->kv_heads * hd, cap = L->capacity;
             float *q = in, *k = q + R * q_w, *v = k + R * kv_w;
@@ -716,13 +732,22 @@ int hybrid_step(const StepLayer *layers, long n_layers, float *x, long R, long D
             size_t elem = L->kv_type == F32 ? sizeof(float) : sizeof(uint16_t);
             for (long r = 0; r < R; r++)
                 for (long h = 0; h < L->kv_heads; h++) {
-                    size_t at = (((size_t)(r * L->kv_heads + h) * cap + slot) * hd) * elem;
+                    long row = seq ? 0 : r, at_slot = seq ? slot + r : slot;
+                    size_t at = (((size_t)(row * L->kv_heads + h) * cap + at_slot) * hd) * elem;
                     store_kv((char *)L->k_cache + at, k + r * kv_w + h * hd, hd, L->kv_type);
                     store_kv((char *)L->v_cache + at, v + r * kv_w + h * hd, hd, L->kv_type);
                 }
-            attend_one(q, q_w, hd, L->k_cache, L->kv_heads * cap * hd, cap * hd, hd, L->v_cache,
-                       L->kv_heads * cap * hd, cap * hd, hd, L->kv_type, valid, valid_ld, y, scores, R,
-                       L->heads, L->kv_heads, T, hd, 1.0f / sqrtf((float)hd), R * L->heads > 1 ? nt : 1);
+            long kv_bs = L->kv_heads * cap * hd;
+            float scale = 1.0f / sqrtf((float)hd);
+            if (seq) /* token r: one row of queries over the keys up to its own slot */
+                for (long r = 0; r < R; r++)
+                    attend_one(q + r * q_w, q_w, hd, L->k_cache, kv_bs, cap * hd, hd, L->v_cache, kv_bs, cap * hd,
+                               hd, L->kv_type, valid, valid_ld, y + r * L->n_mix, scores, 1, L->heads,
+                               L->kv_heads, slot + r + 1, hd, scale, L->heads > 1 ? nt : 1);
+            else
+                attend_one(q, q_w, hd, L->k_cache, kv_bs, cap * hd, hd, L->v_cache, kv_bs, cap * hd, hd,
+                           L->kv_type, valid, valid_ld, y, scores, R, L->heads, L->kv_heads, T, hd, scale,
+                           R * L->heads > 1 ? nt : 1);
         }
         linear_rows(y, L->n_mix, L->w_out, L->w_type, L->b_out, delta, R, D, L->n_mix, nt);
         for (long j = 0; j < R * D; j++) x[j] += delta[j];

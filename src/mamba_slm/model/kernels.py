@@ -79,7 +79,7 @@ _SIGNATURES = {
         _I,
     ],
     "mlp_rows": [_P, _P, _F, _P, _P, _P, _I, _P, _P, _P, _P, _L, _L, _L, _I],
-    "hybrid_step": [_P, _L, _P, _L, _L, _P, _P, _P, _L, _L, _I],
+    "hybrid_step": [_P, _L, _P, _L, _L, _P, _P, _P, _L, _L, _L, _P, _I],
 }
 _RETURNS = {"hybrid_step": ctypes.c_int}
 

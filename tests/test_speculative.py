@@ -1,0 +1,146 @@
+"""Prompt-lookup decoding: the same tokens as plain greedy, fewer passes where the text repeats,
+and a cache that takes rejected draft tokens back, on the C step and on the module path."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from mamba_slm import HybridLM, ModelConfig
+from mamba_slm.generation import Engine, GenerationConfig, GenerationError
+from mamba_slm.model.cache import HybridCache
+from mamba_slm.speculative import NgramIndex
+
+LOOPING_PROMPT = [5, 6, 7, 8, 9] * 4
+
+
+def tiny(seed: int = 0, **overrides) -> HybridLM:
+    torch.manual_seed(seed)
+    return HybridLM(ModelConfig.from_preset("tiny", vocab_size=64, **overrides)).eval()
+
+
+@pytest.fixture
+def rewinds(monkeypatch):
+    """Every `HybridCache.rewind` call: (tokens taken back, whether the trail served)."""
+    calls = []
+    real = HybridCache.rewind
+
+    def spy(self, n):
+        served = real(self, n)
+        calls.append((n, served))
+        return served
+
+    monkeypatch.setattr(HybridCache, "rewind", spy)
+    return calls
+
+
+def test_the_draft_continues_an_earlier_match_of_the_longest_suffix():
+    index = NgramIndex([1, 2, 3, 4, 9, 2, 3, 5, 6, 7, 8, 2, 3])
+    assert index.draft(2) == [5, 6]  # (8 2 3) is only the suffix itself; (2 3) last went on with 5 6
+    assert index.draft(7) == [4, 9, 2, 3, 5, 6, 7]  # the latest (2 3) has 6 tokens after it, not 7
+    assert index.draft(12) == [4, 9, 2, 3, 5, 6, 7, 8, 2, 3]  # none has 12: the one with the most
+    index.add(1)
+    assert index.draft(2) == [2, 3]  # (3 1) and (2 3 1) are new, (1) began the list
+    index.add(0)
+    assert index.draft(3) == []  # 0 never came before
+    loop = NgramIndex([4] * 8)
+    assert loop.draft(3) == [4, 4, 4]  # not cut short by the match that overlaps the suffix
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(layer_pattern="MAMA"),  # the C step: a trail per pass
+        dict(layer_pattern="AA"),
+        dict(mixer="mamba1"),  # the module path: back to before the pass, then a replay
+        dict(layer_pattern="MAMA", dtype_bf16=True),
+    ],
+    ids=["hybrid", "attention", "mamba1-module-path", "bf16"],
+)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_prompt_lookup_gives_plain_greedy_tokens_in_fewer_passes(overrides, seed):
+    overrides = dict(overrides)
+    bf16 = overrides.pop("dtype_bf16", False)
+    model = tiny(seed, **overrides)
+    if bf16:
+        model = model.to(torch.bfloat16)
+    engine = Engine(model)
+    passes = []
+    model.register_forward_hook(lambda module, args, out: passes.append(args[0].shape[1]))
+    plain = engine.generate([LOOPING_PROMPT], GenerationConfig(max_new_tokens=37, temperature=0))[0]
+    plain_passes, passes[:] = len(passes), []
+    fast = engine.generate(
+        [LOOPING_PROMPT], GenerationConfig(max_new_tokens=37, temperature=0, prompt_lookup=4)
+    )[0]
+    assert fast.tokens == plain.tokens and len(fast.tokens) == 37
+    assert len(passes) < plain_passes  # drafts were accepted
+    assert max(passes[1:]) <= 5  # the last token and at most 4 drafted
+
+
+def test_both_ways_of_taking_tokens_back_are_exercised(rewinds):
+    for overrides, served in ((dict(layer_pattern="AA"), True), (dict(mixer="mamba1"), False)):
+        rewinds.clear()
+        engine = Engine(tiny(0, **overrides))
+        engine.generate([LOOPING_PROMPT], GenerationConfig(max_new_tokens=37, temperature=0, prompt_lookup=4))
+        assert rewinds and all(s is served for _, s in rewinds)
+
+
+@pytest.mark.parametrize(
+    "overrides, served", [(dict(layer_pattern="MAMA"), True), (dict(mixer="mamba1"), False)]
+)
+def test_a_rewound_cache_continues_like_the_full_forward(overrides, served):
+    model = tiny(3, **overrides)
+    ids = torch.randint(0, 64, (1, 24))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.allocate_cache(1, capacity=4)  # the KV buffers grow during the passes
+        model(ids[:, :10], cache=cache)
+        cache.keep_trail = True
+        model(ids[:, 10:16], cache=cache)
+        assert cache.rewind(4) is served  # keep ids 10 and 11
+        if not served:
+            assert cache.seqlen == 10
+            model(ids[:, 10:12], cache=cache)
+        assert cache.seqlen == 12 and int(cache.next_pos) == 12
+        rest = model(ids[:, 12:], cache=cache).logits
+    torch.testing.assert_close(rest, full[:, 12:], atol=1e-4, rtol=1e-4)
+
+
+def test_rewind_needs_a_pass_that_kept_what_it_takes():
+    model = tiny(0, layer_pattern="MAMA")
+    cache = model.allocate_cache(1)
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]), cache=cache)  # keep_trail off
+    with pytest.raises(ValueError, match="rewind"):
+        cache.rewind(1)
+
+
+def test_stop_tokens_and_the_token_limit_end_a_lookup_generation_like_a_plain_one():
+    engine = Engine(tiny(1, layer_pattern="MAMA"))
+    plain = engine.generate([LOOPING_PROMPT], GenerationConfig(max_new_tokens=30, temperature=0))[0].tokens
+    stop = plain[12]
+    for limit in (1, 2, 13, 30):
+        for stops in ((), (stop,)):
+            config = GenerationConfig(max_new_tokens=limit, temperature=0, stop_token_ids=stops)
+            want = engine.generate([LOOPING_PROMPT], config)[0]
+            got = engine.generate([LOOPING_PROMPT], replace(config, prompt_lookup=6))[0]
+            assert (got.tokens, got.finish_reason) == (want.tokens, want.finish_reason)
+
+
+def test_several_prompts_each_get_their_own_lookup():
+    engine = Engine(tiny(2, layer_pattern="MAMA"))
+    prompts = [LOOPING_PROMPT, [3, 1, 4, 1, 5, 9, 2, 6], [7] * 9]
+    plain = engine.generate(prompts, GenerationConfig(max_new_tokens=20, temperature=0))
+    fast = engine.generate(prompts, GenerationConfig(max_new_tokens=20, temperature=0, prompt_lookup=3))
+    assert [c.tokens for c in fast] == [c.tokens for c in plain]
+    assert [c.prompt_index for c in fast] == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [dict(temperature=0.7), dict(temperature=0, num_beams=2), dict(temperature=0, penalty_alpha=0.5, top_k=3),
+     dict(temperature=0, repetition_penalty=1.2), dict(temperature=0, prompt_lookup=-1)],
+)  # fmt: skip
+def test_prompt_lookup_is_refused_outside_plain_greedy(settings):
+    with pytest.raises(GenerationError, match="prompt_lookup"):
+        GenerationConfig(**{"prompt_lookup": 4, **settings})
