@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/model_speed.py --write docs/benchmarks.md
 	$(PY) benchmarks/train_speed.py --write docs/benchmarks.md
 	$(PY) benchmarks/generation_speed.py --write docs/benchmarks.md
+	$(PY) benchmarks/lookup_speed.py --write docs/benchmarks.md
 
 demo: $(STAMP)
 	$(PY) -m mamba_slm demo --output-dir runs/demo

@@ -111,8 +111,39 @@ def test_rewind_needs_a_pass_that_kept_what_it_takes():
     cache = model.allocate_cache(1)
     with torch.no_grad():
         model(torch.tensor([[1, 2, 3]]), cache=cache)  # keep_trail off
-    with pytest.raises(ValueError, match="rewind"):
+    with pytest.raises(ValueError, match="kept nothing"):
         cache.rewind(1)
+    for overrides in (dict(layer_pattern="MAMA"), dict(layer_pattern="AA"), dict(mixer="mamba1")):
+        model = tiny(0, **overrides)
+        cache = model.allocate_cache(1)
+        cache.keep_trail = True
+        with torch.no_grad():
+            model(torch.tensor([[1, 2, 3, 4]]), cache=cache)
+            model(torch.tensor([[5, 6, 7]]), cache=cache)
+        for n in (0, 3, 4):  # at least one token of the pass stays: what it had before is not kept
+            with pytest.raises(ValueError, match="expected 1 to 2 tokens"):
+                cache.rewind(n)
+        cache.rewind(2)
+        with pytest.raises(ValueError):  # once
+            cache.rewind(1)
+
+
+def test_the_trail_is_fp32_whatever_torchs_default_dtype():
+    model = tiny(3, layer_pattern="MAMA")
+    ids = torch.randint(0, 64, (1, 20))
+    torch.set_default_dtype(torch.float64)  # e.g. left so by a script; the states stay fp32
+    try:
+        with torch.no_grad():
+            full = model(ids).logits
+            cache = model.allocate_cache(1)
+            model(ids[:, :8], cache=cache)
+            cache.keep_trail = True
+            model(ids[:, 8:14], cache=cache)
+            assert cache.rewind(4)  # keep ids 8 and 9, from the trail
+            rest = model(ids[:, 10:], cache=cache).logits
+    finally:
+        torch.set_default_dtype(torch.float32)
+    torch.testing.assert_close(rest, full[:, 10:], atol=1e-4, rtol=1e-4)
 
 
 def test_stop_tokens_and_the_token_limit_end_a_lookup_generation_like_a_plain_one():

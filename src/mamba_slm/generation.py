@@ -73,7 +73,11 @@ class GenerationConfig:
             ("num_return_sequences", self.num_return_sequences >= 1, "at least 1"),
             ("num_beams", self.num_beams >= 1, "at least 1"),
             ("penalty_alpha", 0 <= self.penalty_alpha <= 1, "in [0, 1]"),
-            ("prompt_lookup", self.prompt_lookup >= 0, ">= 0"),
+            (
+                "prompt_lookup",
+                isinstance(self.prompt_lookup, int) and self.prompt_lookup >= 0,
+                "an integer >= 0",
+            ),
         ]
         for name, ok, expected in checks:
             if not ok:

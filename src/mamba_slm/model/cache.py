@@ -62,6 +62,7 @@ class HybridCache:
         self.keep_trail = False
         self.trail: list[Tensor | None] | None = None  # per layer (None: attention), (tokens, states)
         self.pass_start: tuple | None = None
+        self.pass_len = 0  # tokens of the last pass
         self.layers: list[MambaState | KVState] = []
         c = config
         kv_dtype = kv_dtype or dtype
@@ -102,6 +103,7 @@ class HybridCache:
         """Reserve slots for `new_len` tokens; returns their positions (b, new_len)."""
         self._ensure_capacity(self.seqlen + new_len)
         self.trail = self.pass_start = None  # from the pass before: no longer of use
+        self.pass_len = new_len
         sl = slice(self.seqlen, self.seqlen + new_len)
         if mask is None:
             self.valid[:, sl] = True
@@ -137,8 +139,12 @@ class HybridCache:
         True: done, the Mamba states are those after the pass's token len - n - 1 (its trail).
         False: the pass left no trail (the module path), so the cache went back to before the
         pass and the caller runs its first len - n tokens again."""
-        length = next((t.shape[0] for t in self.trail or () if t is not None), n + 1)
-        if self.trail is not None and n < length:
+        if not 0 < n < self.pass_len:
+            raise ValueError(
+                f"rewind: expected 1 to {self.pass_len - 1} tokens (the last pass's less one), got {n}"
+            )
+        length = self.pass_len
+        if self.trail is not None:
             for state, trail in zip(self.layers, self.trail, strict=True):
                 if trail is not None:
                     saved = trail[length - n - 1]
@@ -172,6 +178,7 @@ class HybridCache:
         dropped.fill_(False)
         self.seqlen = seqlen
         self.trail = self.pass_start = None
+        self.pass_len = 0
 
     # ------------------------------------------------------------------ row operations
     def select_rows(self, index: Tensor) -> HybridCache:

@@ -1,4 +1,4 @@
-"""A hybrid model's whole one-token decode step as one call of the C kernels (`hybrid_step`).
+"""A hybrid model's whole decode step as one call of the C kernels (`hybrid_step`).
 
 Why: a batch-1 decode step of the ~30M benchmark model reads 118 MB of weights, 1.5-2 ms at
 this machine's memory bandwidth, and the module path added ~0.9 ms around that: ~70
@@ -11,8 +11,8 @@ Measured on 2 cores, same process: 3.20 -> 2.40 ms per batch-1 step at context 1
 The same call also takes up to MAX_ROWS tokens of one row (a short prompt's prefill, a draft
 that speculative decoding verifies): the products read each weight once for all of them, the
 Mamba recurrences run token after token, and each token attends up to its own slot. Measured on
-the benchmark model, 4 tokens of one row cost about one one-token step (the module path took
-~2x that); with `HybridCache.keep_trail` it records each Mamba layer's state after every token,
+the benchmark model, 4 tokens of one row cost about one one-token step (the module path, about
+twice that; several times that on smaller models); with `HybridCache.keep_trail` it records each Mamba layer's state after every token,
 so that rejected draft tokens can be taken back (`HybridCache.rewind`).
 
 A bf16 model's step reads its weight matrices as stored, half the bytes of fp32, and computes in
@@ -213,8 +213,8 @@ def _trail(plan: StepPlan, cache: HybridCache, tokens: int) -> tuple[ctypes.Arra
     where the cache asks for it; the pointers for the C call, and the tensors for the cache."""
     if not cache.keep_trail:
         return None, None
-    trail = [
-        torch.empty(tokens, s.conv.numel() + s.ssm.numel()) if isinstance(s, MambaState) else None
+    trail = [  # fp32 on the CPU, like the states the C step reads (whatever torch's defaults)
+        s.ssm.new_empty(tokens, s.conv.numel() + s.ssm.numel()) if isinstance(s, MambaState) else None
         for s in cache.layers
     ]
     return (ctypes.c_void_p * len(trail))(*(_ptr(t) for t in trail)), trail

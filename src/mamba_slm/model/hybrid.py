@@ -8,10 +8,12 @@ for the Hugging Face world.
 Design choices:
   * one `forward` for training, prefill and decode: with a `HybridCache` it continues from the
     cached state (a whole prompt in one parallel pass, or one token via the recurrent step);
+    with `cache.keep_trail` a pass keeps what `HybridCache.rewind` needs (speculative decoding);
   * positions come from the attention mask, so a left-padded row sees exactly what it would
     alone; RoPE cos/sin and the mask are built once per pass and shared by the layers;
   * `num_logits_to_keep` computes the LM head only where logits are needed (generation);
-  * a one-token decode step on a CPU runs all blocks as one C call where it can (`fused_step.py`);
+  * a one-token decode step on a CPU runs all blocks as one C call where it can, and so do up to
+    16 tokens of one row (`fused_step.py`): a short prompt, a draft to verify;
   * init: N(0, 0.02) weights, residual output projections scaled by 1/sqrt(2 n_layers)
     (GPT-2), Mamba's own dt/A/D init; tied embeddings by default.
 """

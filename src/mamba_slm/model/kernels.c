@@ -642,7 +642,8 @@ typedef struct {
     const float *conv_wT, *conv_b, *dt_bias, *A_log, *D, *gnorm_w; /* conv taps tap-major (K x conv_dim) */
     long H, P, G, N, K, gnorm_groups;
     float gnorm_eps;
-    /* attention: RoPE'd keys and values are written at slot `slot` of the caches (R x Hkv x cap x hd) */
+    /* attention: RoPE'd keys and values are written at slot `slot` of the caches (R x Hkv x cap x hd;
+     * with seq, at slots slot .. slot + R - 1 of row 0) */
     const void *w_k;
     const float *b_k;
     const void *w_v;
@@ -677,7 +678,7 @@ static void rope_rows(float *t, long R, long ld, long heads, long hd, const floa
  * attention reads slot + 1 keys, those that `valid` (R x valid_ld bytes, or NULL) marks real.
  *
  * seq = 1: the R rows are instead R consecutive tokens of the cache's one sequence (a short
- * prefill, or a draft to verify), at slots slot .. slot + R - 1. The products still read each
+ * prefill, or a draft to verify), at slots slot .. slot + R - 1; `valid` then has one row. The products still read each
  * weight once for all R tokens; the Mamba recurrences run token after token, and token r attends
  * to slot + r + 1 keys. trails (n_layers pointers, NULL for attention layers, or NULL) receive a
  * Mamba layer's state after each token, conv window then SSM state, so that a caller can rewind
