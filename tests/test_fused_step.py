@@ -261,6 +261,6 @@ def test_a_few_tokens_of_one_row_run_as_one_call_with_the_full_forward_logits(kv
         got = torch.cat(
             [model(ids[:, s : s + n], cache=cache).logits for s, n in ((0, 7), (7, 16), (23, 1), (24, 16))], 1
         )
-    assert fused_runs == [True] * 4 and cache.trail is None  # no trail unless the cache keeps one
+    assert fused_runs == [True] * 4 and cache.states_after is None  # nothing kept unless asked
     tol = 1e-4 if kv_dtype is None else 3e-2
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)

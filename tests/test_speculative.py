@@ -93,17 +93,22 @@ def test_a_rewound_cache_continues_like_the_full_forward(overrides, served):
     ids = torch.randint(0, 64, (1, 24))
     with torch.no_grad():
         full = model(ids).logits
-        cache = model.allocate_cache(1, capacity=4)  # the KV buffers grow during the passes
-        model(ids[:, :10], cache=cache)
-        cache.keep_trail = True
-        model(ids[:, 10:16], cache=cache)
-        assert cache.rewind(4) is served  # keep ids 10 and 11
-        if not served:
-            assert cache.seqlen == 10
-            model(ids[:, 10:12], cache=cache)
-        assert cache.seqlen == 12 and int(cache.next_pos) == 12
-        rest = model(ids[:, 12:], cache=cache).logits
-    torch.testing.assert_close(rest, full[:, 12:], atol=1e-4, rtol=1e-4)
+        for taken_back in range(1, 6):  # of a 6-token pass
+            cache = model.allocate_cache(1, capacity=4)  # the KV buffers grow during the passes
+            model(ids[:, :10], cache=cache)
+            cache.keep_trail = True
+            model(
+                torch.cat([ids[:, 10 : 16 - taken_back], torch.randint(0, 64, (1, taken_back))], 1),
+                cache=cache,
+            )
+            kept = 16 - taken_back
+            assert cache.rewind(taken_back) is served
+            if not served:
+                assert cache.seqlen == 10
+                model(ids[:, 10:kept], cache=cache)
+            assert cache.seqlen == kept and int(cache.next_pos) == kept
+            rest = model(ids[:, kept:], cache=cache).logits
+            torch.testing.assert_close(rest, full[:, kept:], atol=1e-4, rtol=1e-4)
 
 
 def test_rewind_needs_a_pass_that_kept_what_it_takes():

@@ -10,6 +10,7 @@ prefilled row can be expanded into N samples without running the prompt again.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -57,10 +58,11 @@ class HybridCache:
         # instead of at every step: the parameters do not change in the middle of a generation.
         self.memo: dict = {}
         # With keep_trail, a pass of several tokens keeps what `rewind` needs to take some back
-        # (speculative decoding's rejected draft): the CPU's one-call step, each Mamba layer's
-        # state after every token (`trail`); the module path, a `snapshot` from before the pass.
+        # (speculative decoding's rejected draft): the CPU's one-call step leaves `states_after`,
+        # which sets the Mamba states to those after the pass's first k tokens (from what it kept:
+        # the states before the pass and its in_proj outputs); the module path, a `snapshot`.
         self.keep_trail = False
-        self.trail: list[Tensor | None] | None = None  # per layer (None: attention), (tokens, states)
+        self.states_after: Callable[[int], None] | None = None
         self.pass_start: tuple | None = None
         self.pass_len = 0  # tokens of the last pass
         self.layers: list[MambaState | KVState] = []
@@ -102,7 +104,7 @@ class HybridCache:
     def begin(self, new_len: int, mask: Tensor | None) -> Tensor:
         """Reserve slots for `new_len` tokens; returns their positions (b, new_len)."""
         self._ensure_capacity(self.seqlen + new_len)
-        self.trail = self.pass_start = None  # from the pass before: no longer of use
+        self.states_after = self.pass_start = None  # from the pass before: no longer of use
         self.pass_len = new_len
         sl = slice(self.seqlen, self.seqlen + new_len)
         if mask is None:
@@ -136,20 +138,15 @@ class HybridCache:
     # ------------------------------------------------------------------ taking tokens back
     def rewind(self, n: int) -> bool:
         """Forget the last n tokens of the last pass (of more than n tokens, run with keep_trail).
-        True: done, the Mamba states are those after the pass's token len - n - 1 (its trail).
-        False: the pass left no trail (the module path), so the cache went back to before the
-        pass and the caller runs its first len - n tokens again."""
+        True: done, the Mamba states are those after the pass's first len - n tokens.
+        False: the pass took the module path, which keeps only a snapshot: the cache went back to
+        before the pass and the caller runs its first len - n tokens again."""
         if not 0 < n < self.pass_len:
             raise ValueError(
                 f"rewind: expected 1 to {self.pass_len - 1} tokens (the last pass's less one), got {n}"
             )
-        length = self.pass_len
-        if self.trail is not None:
-            for state, trail in zip(self.layers, self.trail, strict=True):
-                if trail is not None:
-                    saved = trail[length - n - 1]
-                    state.conv.view(-1).copy_(saved[: state.conv.numel()])
-                    state.ssm.view(-1).copy_(saved[state.conv.numel() :])
+        if self.states_after is not None:
+            self.states_after(self.pass_len - n)
             self._forget(self.seqlen - n)
             return True
         if self.pass_start is None:
@@ -177,13 +174,15 @@ class HybridCache:
         self.next_pos -= dropped.sum(1)
         dropped.fill_(False)
         self.seqlen = seqlen
-        self.trail = self.pass_start = None
+        self.states_after = self.pass_start = None
         self.pass_len = 0
 
     # ------------------------------------------------------------------ row operations
     def select_rows(self, index: Tensor) -> HybridCache:
         """Keep (and reorder, or repeat) rows by `index`, in place; used by beam search."""
         index = index.to(self.valid.device)
+        self.states_after = self.pass_start = None  # they are of the rows before
+        self.pass_len = 0
         self.valid = self.valid.index_select(0, index)
         self.next_pos = self.next_pos.index_select(0, index)
         for state in self.layers:

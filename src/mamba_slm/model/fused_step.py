@@ -12,8 +12,9 @@ The same call also takes up to MAX_ROWS tokens of one row (a short prompt's pref
 that speculative decoding verifies): the products read each weight once for all of them, the
 Mamba recurrences run token after token, and each token attends up to its own slot. Measured on
 the benchmark model, 4 tokens of one row cost about one one-token step (the module path, about
-twice that; several times that on smaller models); with `HybridCache.keep_trail` it records each Mamba layer's state after every token,
-so that rejected draft tokens can be taken back (`HybridCache.rewind`).
+twice that; several times that on smaller models); with `HybridCache.keep_trail` it keeps each Mamba layer's states from before the pass and its
+in_proj outputs, so that rejected draft tokens can be taken back (`HybridCache.rewind`: the
+recurrence runs again over the kept tokens, `hybrid_rewind`).
 
 A bf16 model's step reads its weight matrices as stored, half the bytes of fp32, and computes in
 fp32 (its hidden state is widened for the call, its Mamba states are fp32 in every cache, the
@@ -34,6 +35,7 @@ marks as padding.
 from __future__ import annotations
 
 import ctypes
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -208,22 +210,34 @@ def _padding_at_most(config, attn: AttentionInputs | None, cache: HybridCache, n
     )
 
 
-def _trail(plan: StepPlan, cache: HybridCache, tokens: int) -> tuple[ctypes.Array | None, list | None]:
-    """Per Mamba layer, room for its states after each of `tokens` tokens (`HybridCache.rewind`),
-    where the cache asks for it; the pointers for the C call, and the tensors for the cache."""
-    if not cache.keep_trail:
-        return None, None
-    trail = [  # fp32 on the CPU, like the states the C step reads (whatever torch's defaults)
-        s.ssm.new_empty(tokens, s.conv.numel() + s.ssm.numel()) if isinstance(s, MambaState) else None
-        for s in cache.layers
+def _trails(plan: StepPlan, cache: HybridCache) -> ctypes.Array:
+    """Per Mamba layer, room for what `hybrid_rewind` needs (its states before a pass, its in_proj
+    outputs for up to MAX_ROWS tokens); the cache's buffers, reused pass after pass (a fresh one
+    each pass cost more in page faults than the copies themselves)."""
+    sizes = [
+        s.conv.numel() + s.ssm.numel() + MAX_ROWS * layer.n_in if isinstance(s, MambaState) else 0
+        for s, layer in zip(cache.layers, plan.layers, strict=True)
     ]
-    return (ctypes.c_void_p * len(trail))(*(_ptr(t) for t in trail)), trail
+    buffers = cache.memo.get("trails")
+    if buffers is None or [0 if b is None else b.numel() for b in buffers] != sizes:
+        # fp32 on the CPU, like the states the C step reads (whatever torch's defaults)
+        buffers = [s.ssm.new_empty(n) if n else None for s, n in zip(cache.layers, sizes, strict=True)]
+        cache.memo["trails"] = buffers
+    return (ctypes.c_void_p * len(buffers))(*(_ptr(b) for b in buffers))
+
+
+def _states_after(plan: StepPlan, trails: ctypes.Array, keep: int) -> None:
+    """The cache's Mamba states as after the first `keep` tokens of the pass that filled `trails`."""
+    if not kernels.library().hybrid_rewind(
+        plan.layers, len(plan.layers), trails, keep, torch.get_num_threads()
+    ):
+        raise MemoryError("rewind: no memory for the Mamba recurrence's scratch")
 
 
 def run(model: nn.Module, hidden: Tensor, attn: AttentionInputs | None, cache: HybridCache) -> bool:
     """Advance `hidden`, the embedded tokens, through every block in place and the cache's states
     with it: (b, 1, d_model), one token for each of b rows, or (1, l, d_model), l tokens of one
-    row (a short prefill, a draft to verify; with `cache.keep_trail` it records a trail). False
+    row (a short prefill, a draft to verify; with `cache.keep_trail` it leaves `cache.states_after` for rewinding). False
     (nothing done) where the module path must run instead."""
     batch, new_len = hidden.shape[:2]
     seq = new_len > 1
@@ -250,13 +264,13 @@ def run(model: nn.Module, hidden: Tensor, attn: AttentionInputs | None, cache: H
         cos, sin = attn.cos.float().contiguous(), attn.sin.float().contiguous()
     valid = cache.valid if cache.padded else None  # which slots are real tokens, per row
     x = hidden.float().contiguous()  # hidden itself when it is fp32 and contiguous
-    trail_ptrs, trail = _trail(plan, cache, new_len) if seq else (None, None)
+    trails = _trails(plan, cache) if seq and cache.keep_trail else None
     done = kernels.library().hybrid_step(
         plan.layers, len(plan.layers), x.data_ptr(), rows, hidden.shape[-1], _ptr(cos), _ptr(sin),
-        _ptr(valid), cache.capacity, cache.seqlen, int(seq), trail_ptrs, torch.get_num_threads(),
+        _ptr(valid), cache.capacity, cache.seqlen, int(seq), trails, torch.get_num_threads(),
     )  # fmt: skip
     if done and x is not hidden:
         hidden.copy_(x)
-    if done:
-        cache.trail = trail
+    if done and trails is not None:
+        cache.states_after = functools.partial(_states_after, plan, trails)
     return bool(done)

@@ -657,6 +657,8 @@ typedef struct {
     long inter;
 } StepLayer;
 
+static long mamba_conv_n(const StepLayer *L) { return (L->K - 1) * (L->n_mix + 2 * L->G * L->N); }
+
 static void rope_rows(float *t, long R, long ld, long heads, long hd, const float *cos, const float *sin) {
     long half = hd / 2;
     for (long r = 0; r < R; r++)
@@ -680,9 +682,10 @@ static void rope_rows(float *t, long R, long ld, long heads, long hd, const floa
  * seq = 1: the R rows are instead R consecutive tokens of the cache's one sequence (a short
  * prefill, or a draft to verify), at slots slot .. slot + R - 1; `valid` then has one row. The products still read each
  * weight once for all R tokens; the Mamba recurrences run token after token, and token r attends
- * to slot + r + 1 keys. trails (n_layers pointers, NULL for attention layers, or NULL) receive a
- * Mamba layer's state after each token, conv window then SSM state, so that a caller can rewind
- * to any of them. Returns 0 (x untouched) when scratch cannot be allocated. */
+ * to slot + r + 1 keys. trails (n_layers pointers, NULL for attention layers, or NULL) receive
+ * what `hybrid_rewind` needs to take tokens back: a Mamba layer's states before the pass (conv
+ * window, then SSM state) and its in_proj outputs for the R tokens. One copy of the states per
+ * pass: a copy after every token wrote R times as much, ~10% of a pass. Returns 0 (x untouched) when scratch cannot be allocated. */
 int hybrid_step(const StepLayer *layers, long n_layers, float *x, long R, long D, const float *cos,
                 const float *sin, const unsigned char *valid, long valid_ld, long slot, long seq,
                 float *const *trails, int nt) {
@@ -708,18 +711,17 @@ int hybrid_step(const StepLayer *layers, long n_layers, float *x, long R, long D
         rms_norm_fwd(x, D, L->norm_w, normed, R, D, L->norm_eps, 1);
         if (L->kind == 0) {
             linear_rows(normed, D, L->w_in, L->w_type, L->b_in, in, R, L->n_in, D, nt);
-            long rows = seq ? 1 : R, conv_n = (L->K - 1) * (L->n_mix + 2 * L->G * L->N);
-            long ssm_n = L->H * L->P * L->N;
-            for (long r = 0; r < R; r += rows) {
+            if (seq && trails && trails[i]) {
+                long conv_n = mamba_conv_n(L), ssm_n = L->H * L->P * L->N;
+                memcpy(trails[i], L->conv_state, conv_n * sizeof(float));
+                memcpy(trails[i] + conv_n, L->ssm, ssm_n * sizeof(float));
+                memcpy(trails[i] + conv_n + ssm_n, in, R * L->n_in * sizeof(float));
+            }
+            long rows = seq ? 1 : R; /* a sequence's tokens one after another */
+            for (long r = 0; r < R; r += rows)
                 mamba2_step_taps(in + r * L->n_in, L->n_in, L->conv_state, L->conv_wT, L->conv_b, L->dt_bias,
                                  L->A_log, L->D, L->ssm, L->gnorm_w, y + r * L->n_mix, scratch, rows, L->n_mix,
                                  L->H, L->P, L->G, L->N, L->K, L->gnorm_groups, L->gnorm_eps, nt);
-                if (seq && trails && trails[i]) {
-                    float *t = trails[i] + r * (conv_n + ssm_n);
-                    memcpy(t, L->conv_state, conv_n * sizeof(float));
-                    memcpy(t + conv_n, L->ssm, ssm_n * sizeof(float));
-                }
-            }
         } else {
             long hd = L->head_dim, q_w = L->heads * hd, kv_w = L->kv_heads * hd, cap = L->capacity;
             float *q = in, *k = q + R * q_w, *v = k + R * kv_w;
@@ -759,5 +761,35 @@ int hybrid_step(const StepLayer *layers, long n_layers, float *x, long R, long D
         }
     }
     free(buf);
+    return 1;
+}
+
+/* Takes a `hybrid_step` pass of one sequence (seq = 1) back to its first `keep` tokens: each Mamba
+ * layer's states go back to those before the pass and its recurrence runs again over the kept
+ * tokens' in_proj outputs, all from its trail (no weight matrix is read). The attention layers'
+ * keys and values need nothing: the caller stops counting the dropped slots. Returns 0 (states
+ * untouched) when scratch cannot be allocated. */
+int hybrid_rewind(const StepLayer *layers, long n_layers, float *const *trails, long keep, int nt) {
+    long most = 0;
+    for (long i = 0; i < n_layers; i++)
+        if (trails[i]) {
+            long need = layers[i].n_mix + (layers[i].n_mix + 2 * layers[i].G * layers[i].N);
+            most = need > most ? need : most;
+        }
+    float *scratch = aligned_alloc(64, ((most * sizeof(float) + 63) / 64 + 1) * 64);
+    if (!scratch) return 0;
+    for (long i = 0; i < n_layers; i++) {
+        const StepLayer *L = &layers[i];
+        if (!trails[i]) continue;
+        long conv_n = mamba_conv_n(L), ssm_n = L->H * L->P * L->N;
+        memcpy(L->conv_state, trails[i], conv_n * sizeof(float));
+        memcpy(L->ssm, trails[i] + conv_n, ssm_n * sizeof(float));
+        const float *in = trails[i] + conv_n + ssm_n;
+        for (long r = 0; r < keep; r++) /* the output (scratch) is not needed, only the states */
+            mamba2_step_taps(in + r * L->n_in, L->n_in, L->conv_state, L->conv_wT, L->conv_b, L->dt_bias,
+                             L->A_log, L->D, L->ssm, L->gnorm_w, scratch, scratch + L->n_mix, 1, L->n_mix, L->H,
+                             L->P, L->G, L->N, L->K, L->gnorm_groups, L->gnorm_eps, nt);
+    }
+    free(scratch);
     return 1;
 }
