@@ -245,6 +245,7 @@ def test_generate_and_bench_bad_input_is_one_line(tiny_model_dir, tmp_path, caps
         ),
         (["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--kv-cache-dtype", "int8"], "int8"),
         (["bench", "--model", str(tiny_model_dir), "--dtype", "int4"], "--dtype: invalid choice"),
+        (["bench", "--model", str(tiny_model_dir), "--prompt-lookup", "-1"], "--prompt-lookup: expected"),
     ]
     in_process = [
         (["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--stream", "--json"], "--stream and --json"),

@@ -11,7 +11,8 @@ import json
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -243,13 +244,20 @@ FLAG_OF_FIELD = {"max_new_tokens": "--max-new-tokens", "num_return_sequences": "
                  "stop_strings": "--stop"}  # fmt: skip
 
 
-def generation_config(engine, args: argparse.Namespace, **extra):
+@contextmanager
+def flag_errors() -> Iterator[None]:
+    """A GenerationConfig error names the flag that set the field, not the field."""
     try:
-        return _generation_config(engine, args, **extra)
+        yield
     except GenerationError as e:
         field, _, rest = str(e).partition(": ")
         flag = FLAG_OF_FIELD.get(field, "--" + field.replace("_", "-"))
         raise GenerationError(f"{flag}: {rest}") from None
+
+
+def generation_config(engine, args: argparse.Namespace, **extra):
+    with flag_errors():
+        return _generation_config(engine, args, **extra)
 
 
 def _generation_config(engine, args: argparse.Namespace, **extra):
@@ -392,9 +400,11 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from .bench import BenchArgs, format_report, run_bench
+    from .bench import BenchArgs, format_report, greedy, run_bench
     from .generation import load_engine
 
+    with flag_errors():  # before the model loads
+        greedy(args.max_new_tokens, args.prompt_lookup)
     engine = load_engine(args.model, args.adapter, args.device, args.compile, args.kv_cache_dtype, args.dtype)
     bench_args = BenchArgs(max_new_tokens=args.max_new_tokens, positions=args.positions,
                            batch_sizes=args.batch_sizes, compare_hf=args.compare == "hf",

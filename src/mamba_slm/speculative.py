@@ -1,18 +1,18 @@
 """Prompt-lookup decoding: greedy tokens several at a time where the text repeats itself.
 
-The draft is what followed the latest earlier occurrence of the context's last n tokens
-(n = 3, then 2, then 1: the longest match wins), as in llama.cpp's lookup decoding and
+The draft is what followed an earlier occurrence of the context's last n tokens (n = 3, then 2,
+then 1: the longest match wins; `NgramIndex.draft` says which occurrence), as in llama.cpp's lookup decoding and
 transformers' `prompt_lookup_num_tokens`; it needs no second model. The last token and the draft
 go through the model in one pass. On a CPU that pass is the one-call step over a few tokens of
 one row, which reads each weight once for all of them, so it costs about one decode step. The
 greedy token at each position accepts the draft up to the first mismatch, and the mismatch
 position's own greedy token comes free. The cache then forgets the rejected tokens
-(`HybridCache.rewind`, from the Mamba states the pass kept after every token; on the module
-path, which keeps no such trail, a snapshot from before the pass and a replay of the accepted
-tokens).
+(`HybridCache.rewind`: on the C path the Mamba recurrences run again over the kept tokens from
+the states and in_proj outputs the pass kept, no weights read; on the module path, a snapshot
+from before the pass and a second pass over the kept tokens).
 
 transformers refuses assisted decoding for stateful models (Mamba, Jamba, ours through `hf.py`):
-their recurrent state cannot be cropped. The trail is what makes it possible here.
+their recurrent state cannot be cropped. Keeping what a rewind needs is what makes it possible here.
 
 The tokens are greedy's. A pass over several tokens sums in another order than a one-token step,
 so where two tokens are within float rounding of each other the pick can differ, as between
