@@ -113,19 +113,26 @@ def test_softmax_cross_entropy_rows_and_gradients():
     torch.testing.assert_close(got, want_grad, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [1, 5, 9, 16])  # one row, 4-row blocks, rows as vector lanes
+# Every loop of kernels.c's linear_rows: tiles of 4 weight rows (1-4 rows), of 2 (5-8), of 2 twice
+# (bf16, 9-12), 4-row blocks (fp32, 2-8), rows as vector lanes (fp32 from 9, bf16 from 13).
+ROW_COUNTS = [1, 2, 3, 4, 5, 8, 9, 12, 13, 16]
+
+
+@pytest.mark.parametrize("rows", ROW_COUNTS)
 @pytest.mark.parametrize("in_features", [37, 150])  # a partial vector; two 64-wide blocks of sums and a tail
 def test_linear_rows_matches_matmul(rows, in_features):
     torch.manual_seed(5)
-    # 45 outputs: five 8-row blocks and a tail, not a multiple of 4 either
+    # 45 outputs: five 8-row blocks and a tail, not a multiple of 4 or of 2 either
     x, weight, bias = torch.randn(rows, in_features), torch.randn(45, in_features), torch.randn(45)
     torch.testing.assert_close(
         kernels.linear_rows(x, weight, bias), x @ weight.t() + bias, atol=1e-5, rtol=1e-5
     )
     torch.testing.assert_close(kernels.linear_rows(x, weight, None), x @ weight.t(), atol=1e-5, rtol=1e-5)
+    few = weight[:3]  # fewer outputs than one block
+    torch.testing.assert_close(kernels.linear_rows(x, few, None), x @ few.t(), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [1, 5, 9, 16])
+@pytest.mark.parametrize("rows", ROW_COUNTS)
 @pytest.mark.parametrize("in_features", [37, 150])
 def test_linear_rows_reads_bf16_weights_as_the_values_they_hold(rows, in_features):
     """A bf16 weight is widened, not rounded again: the product is the fp32 product of its values."""

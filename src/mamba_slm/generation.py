@@ -60,7 +60,7 @@ class GenerationConfig:
     early_stopping: bool = True  # beam search ends once num_beams hypotheses are finished
     penalty_alpha: float = 0.0  # > 0 with top_k > 1: contrastive search
     seed: int | None = None
-    prompt_lookup: int = 0  # > 0, greedy only: draft up to this many tokens per pass (speculative.py)
+    prompt_lookup: int = 0  # > 0, greedy only: drafts of up to this many tokens per pass (speculative.py)
 
     def __post_init__(self) -> None:
         checks = [
