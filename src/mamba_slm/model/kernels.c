@@ -613,6 +613,75 @@ static void mamba2_step_taps(const float *zxbcdt, long zx_ld, float *conv_state,
     }
 }
 
+/* `mamba2_step_taps` for R consecutive tokens of one sequence (zxbcdt: R x zx_ld, out: R x
+ * d_inner) in one parallel region instead of R: the conv of every token at once (each sees the
+ * window and the tokens before it), the recurrence per head over the tokens in turn (the head's
+ * state, P x N, stays in L1 from token to token), the gated RMSNorm of every token at once. act
+ * holds R x conv_dim floats. */
+static void mamba2_seq_taps(const float *zxbcdt, long zx_ld, float *conv_state, const float *wT,
+                            const float *conv_b, const float *dt_bias, const float *A_log, const float *D,
+                            float *ssm, const float *norm_w, float *out, float *act_all, long R, long d_inner,
+                            long H, long P, long G, long N, long K, long norm_groups, float eps, int nt) {
+    long conv_dim = d_inner + 2 * G * N, gs = d_inner / norm_groups;
+#pragma omp parallel num_threads(nt)
+    {
+#pragma omp for schedule(static)
+        for (long t = 0; t < R; t++) { /* tap i of token t reads sequence position t + i - (K - 1) */
+            float *restrict act = act_all + t * conv_dim;
+            for (long c = 0; c < conv_dim; c++) act[c] = conv_b ? conv_b[c] : 0.0f;
+            for (long i = 0; i < K; i++) {
+                long at = t + i - (K - 1);
+                const float *restrict wi = wT + i * conv_dim;
+                const float *restrict src = at < 0 ? conv_state + (K - 1 + at) * conv_dim
+                                                   : zxbcdt + at * zx_ld + d_inner;
+                for (long c = 0; c < conv_dim; c++) act[c] += wi[c] * src[c];
+            }
+            for (long c = 0; c < conv_dim; c++) act[c] = act[c] * sigmoid(act[c]);
+        }
+#pragma omp for schedule(static)
+        for (long h = 0; h < H; h++) {
+            float A = -expf(A_log[h]);
+            for (long t = 0; t < R; t++) {
+                const float *act = act_all + t * conv_dim, *dtr = zxbcdt + t * zx_ld + d_inner + conv_dim;
+                float dt = softplus(dtr[h] + dt_bias[h]), decay = expf(A * dt);
+                const float *restrict x = act + h * P;
+                const float *restrict Bg = act + d_inner + (h / (H / G)) * N;
+                const float *restrict Cg = act + d_inner + G * N + (h / (H / G)) * N;
+                float *restrict y = out + t * d_inner + h * P;
+                for (long p = 0; p < P; p++) {
+                    float *restrict st = ssm + (h * P + p) * N;
+                    float xdt = x[p] * dt, acc = 0.0f;
+                    for (long n = 0; n < N; n++) {
+                        st[n] = st[n] * decay + xdt * Bg[n];
+                        acc += st[n] * Cg[n];
+                    }
+                    y[p] = acc + D[h] * x[p];
+                }
+            }
+        }
+#pragma omp for schedule(static)
+        for (long t = 0; t < R; t++) { /* gated RMSNorm */
+            const float *z = zxbcdt + t * zx_ld;
+            float *restrict y = out + t * d_inner;
+            for (long g0 = 0; g0 < d_inner; g0 += gs) {
+                float ss = 0.0f;
+                for (long c = g0; c < g0 + gs; c++) {
+                    float u = y[c] * z[c] * sigmoid(z[c]);
+                    y[c] = u;
+                    ss += u * u;
+                }
+                float rs = 1.0f / sqrtf(ss / gs + eps);
+                for (long c = g0; c < g0 + gs; c++) y[c] *= rs * norm_w[c];
+            }
+        }
+    }
+    /* the window now ends with the last K - 1 positions of (old window, tokens) */
+    long kept = K - 1 > R ? K - 1 - R : 0; /* old window rows that stay, moved to the front */
+    if (kept) memmove(conv_state, conv_state + R * conv_dim, kept * conv_dim * sizeof(float));
+    for (long j = kept; j < K - 1; j++)
+        memcpy(conv_state + j * conv_dim, zxbcdt + (R - (K - 1) + j) * zx_ld + d_inner, conv_dim * sizeof(float));
+}
+
 /* `mamba2_step_taps` with the taps as the Conv1d stores them (conv_dim x K); scratch holds
  * (R + K) x conv_dim floats. */
 void mamba2_step(const float *zxbcdt, long zx_ld, float *conv_state, const float *conv_w,
@@ -684,26 +753,36 @@ ATTEND_HEAD(attend_head_bf16, uint16_t, LOAD_BF16)
  * for every (row, head) in parallel. k and v hold kv_type elements; their strides are in
  * elements (batch, head, token), the last dimension D is contiguous. valid (B x valid_ld bytes,
  * or NULL: all) marks the slots that hold real tokens, so a left-padded row never attends to its
- * padding. scratch holds KEYS floats per (row, head). */
-void attend_one(const float *q, long q_bs, long q_hs, const void *k, long k_bs, long k_hs, long k_ts,
-                const void *v, long v_bs, long v_hs, long v_ts, int kv_type, const unsigned char *valid,
-                long valid_ld, float *out, float *scratch, long B, long H, long Hkv, long T, long D,
-                float scale, int nt) {
+ * padding. scratch holds KEYS floats per (row, head). Row b sees T + b * T_step keys: with T_step 1
+ * and k_bs = v_bs = valid_ld = 0, the rows are consecutive tokens of one sequence, each attending
+ * up to its own slot. */
+static void attend_rows(const float *q, long q_bs, long q_hs, const void *k, long k_bs, long k_hs, long k_ts,
+                        const void *v, long v_bs, long v_hs, long v_ts, int kv_type, const unsigned char *valid,
+                        long valid_ld, float *out, float *scratch, long B, long H, long Hkv, long T, long T_step,
+                        long D, float scale, int nt) {
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (long bh = 0; bh < B * H; bh++) {
-        long b = bh / H, h = bh % H, kv = h / (H / Hkv);
+        long b = bh / H, h = bh % H, kv = h / (H / Hkv), Tb = T + b * T_step;
         long ko = b * k_bs + kv * k_hs, vo = b * v_bs + kv * v_hs;
         const float *qv = q + b * q_bs + h * q_hs;
         const unsigned char *ok = valid ? valid + b * valid_ld : NULL;
         float *s = scratch + bh * KEYS, *o = out + bh * D;
         if (kv_type == BF16) {
             const uint16_t *kh = (const uint16_t *)k + ko, *vh = (const uint16_t *)v + vo;
-            attend_head_bf16(qv, kh, k_ts, vh, v_ts, ok, s, o, T, D, scale);
+            attend_head_bf16(qv, kh, k_ts, vh, v_ts, ok, s, o, Tb, D, scale);
         } else {
             const float *kf = (const float *)k + ko, *vf = (const float *)v + vo;
-            attend_head_f32(qv, kf, k_ts, vf, v_ts, ok, s, o, T, D, scale);
+            attend_head_f32(qv, kf, k_ts, vf, v_ts, ok, s, o, Tb, D, scale);
         }
     }
+}
+
+void attend_one(const float *q, long q_bs, long q_hs, const void *k, long k_bs, long k_hs, long k_ts,
+                const void *v, long v_bs, long v_hs, long v_ts, int kv_type, const unsigned char *valid,
+                long valid_ld, float *out, float *scratch, long B, long H, long Hkv, long T, long D,
+                float scale, int nt) {
+    attend_rows(q, q_bs, q_hs, k, k_bs, k_hs, k_ts, v, v_bs, v_hs, v_ts, kv_type, valid, valid_ld, out, scratch, B,
+                H, Hkv, T, 0, D, scale, nt);
 }
 
 /* Writes n floats into a KV cache slot of kv_type elements. */
@@ -826,11 +905,10 @@ int hybrid_step(const StepLayer *layers, long n_layers, float *x, long R, long D
                 memcpy(trails[i] + conv_n, L->ssm, ssm_n * sizeof(float));
                 memcpy(trails[i] + conv_n + ssm_n, in, R * L->n_in * sizeof(float));
             }
-            long rows = seq ? 1 : R; /* a sequence's tokens one after another */
-            for (long r = 0; r < R; r += rows)
-                mamba2_step_taps(in + r * L->n_in, L->n_in, L->conv_state, L->conv_wT, L->conv_b, L->dt_bias,
-                                 L->A_log, L->D, L->ssm, L->gnorm_w, y + r * L->n_mix, scratch, rows, L->n_mix,
-                                 L->H, L->P, L->G, L->N, L->K, L->gnorm_groups, L->gnorm_eps, nt);
+            (seq ? mamba2_seq_taps : mamba2_step_taps)(in, L->n_in, L->conv_state, L->conv_wT, L->conv_b,
+                                                        L->dt_bias, L->A_log, L->D, L->ssm, L->gnorm_w, y, scratch, R,
+                                                        L->n_mix, L->H, L->P, L->G, L->N, L->K, L->gnorm_groups,
+                                                        L->gnorm_eps, nt);
         } else {
             long hd = L->head_dim, q_w = L->heads * hd, kv_w = L->kv_heads * hd, cap = L->capacity;
             float *q = in, *k = q + R * q_w, *v = k + R * kv_w;
@@ -851,11 +929,9 @@ int hybrid_step(const StepLayer *layers, long n_layers, float *x, long R, long D
                 }
             long kv_bs = L->kv_heads * cap * hd;
             float scale = 1.0f / sqrtf((float)hd);
-            if (seq) /* token r: one row of queries over the keys up to its own slot */
-                for (long r = 0; r < R; r++)
-                    attend_one(q + r * q_w, q_w, hd, L->k_cache, kv_bs, cap * hd, hd, L->v_cache, kv_bs, cap * hd,
-                               hd, L->kv_type, valid, valid_ld, y + r * L->n_mix, scores, 1, L->heads,
-                               L->kv_heads, slot + r + 1, hd, scale, L->heads > 1 ? nt : 1);
+            if (seq) /* token r: the sequence's keys up to its own slot */
+                attend_rows(q, q_w, hd, L->k_cache, 0, cap * hd, hd, L->v_cache, 0, cap * hd, hd, L->kv_type, valid,
+                            0, y, scores, R, L->heads, L->kv_heads, slot + 1, 1, hd, scale, nt);
             else
                 attend_one(q, q_w, hd, L->k_cache, kv_bs, cap * hd, hd, L->v_cache, kv_bs, cap * hd, hd,
                            L->kv_type, valid, valid_ld, y, scores, R, L->heads, L->kv_heads, T, hd, scale,
@@ -882,7 +958,7 @@ int hybrid_rewind(const StepLayer *layers, long n_layers, float *const *trails, 
     long most = 0;
     for (long i = 0; i < n_layers; i++)
         if (trails[i]) {
-            long need = layers[i].n_mix + (layers[i].n_mix + 2 * layers[i].G * layers[i].N);
+            long need = keep * (layers[i].n_mix + (layers[i].n_mix + 2 * layers[i].G * layers[i].N));
             most = need > most ? need : most;
         }
     float *scratch = aligned_alloc(64, ((most * sizeof(float) + 63) / 64 + 1) * 64);
@@ -894,10 +970,10 @@ int hybrid_rewind(const StepLayer *layers, long n_layers, float *const *trails, 
         memcpy(L->conv_state, trails[i], conv_n * sizeof(float));
         memcpy(L->ssm, trails[i] + conv_n, ssm_n * sizeof(float));
         const float *in = trails[i] + conv_n + ssm_n;
-        for (long r = 0; r < keep; r++) /* the output (scratch) is not needed, only the states */
-            mamba2_step_taps(in + r * L->n_in, L->n_in, L->conv_state, L->conv_wT, L->conv_b, L->dt_bias,
-                             L->A_log, L->D, L->ssm, L->gnorm_w, scratch, scratch + L->n_mix, 1, L->n_mix, L->H,
-                             L->P, L->G, L->N, L->K, L->gnorm_groups, L->gnorm_eps, nt);
+        /* the output (scratch) is not needed, only the states */
+        mamba2_seq_taps(in, L->n_in, L->conv_state, L->conv_wT, L->conv_b, L->dt_bias, L->A_log, L->D, L->ssm,
+                        L->gnorm_w, scratch, scratch + keep * L->n_mix, keep, L->n_mix, L->H, L->P, L->G, L->N, L->K,
+                        L->gnorm_groups, L->gnorm_eps, nt);
     }
     free(scratch);
     return 1;
