@@ -260,7 +260,11 @@ def test_a_few_tokens_of_one_row_run_as_one_call_with_the_full_forward_logits(kv
     with torch.no_grad():
         want = model(ids).logits
         got = torch.cat(
-            [model(ids[:, s : s + n], cache=cache).logits for s, n in ((0, 7), (7, 2), (9, 14), (23, 1), (24, 16))], 1
+            [
+                model(ids[:, s : s + n], cache=cache).logits
+                for s, n in ((0, 7), (7, 2), (9, 14), (23, 1), (24, 16))
+            ],
+            1,
         )
     assert fused_runs == [True] * 5 and cache.states_after is None  # nothing kept unless asked
     tol = 1e-4 if kv_dtype is None else 3e-2
