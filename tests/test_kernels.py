@@ -113,8 +113,8 @@ def test_softmax_cross_entropy_rows_and_gradients():
     torch.testing.assert_close(got, want_grad, atol=1e-6, rtol=1e-5)
 
 
-# Every loop of kernels.c's linear_rows: tiles of 4 weight rows (1-4 rows), of 2 (5-8), of 2 twice
-# (bf16, 9-12), 4-row blocks (fp32, 2-8), rows as vector lanes (fp32 from 9, bf16 from 13).
+# Every loop of kernels.c's linear_rows: tiles (fp32: one row; bf16: 4 weight rows for 1-4 rows, 2
+# for 5-8, 2 twice for 9-12), 4-row blocks (fp32, 2-8), rows as vector lanes (fp32 from 9, bf16 from 13).
 ROW_COUNTS = [1, 2, 3, 4, 5, 8, 9, 12, 13, 16]
 
 

@@ -4,7 +4,8 @@ Why: a batch-1 decode step of the ~30M benchmark model reads 118 MB of weights, 
 this machine's memory bandwidth, and the module path added ~0.9 ms around that: ~70
 Python-level calls per step (module dispatch, fast-path checks, ctypes argument conversion),
 and in the gaps between them the weight stream restarts cold. `hybrid_step` runs the same
-kernels (`linear_rows`, `mamba2_step`, `attend_one`, `mlp_rows`) back to back inside one call.
+kernels (`linear_rows`, the Mamba-2 step, the one-query attention, `mlp_rows`) back to back inside
+one call.
 Measured on 2 cores, same process: 3.20 -> 2.40 ms per batch-1 step at context 128, and
 1.2-1.25x at context 4k, at batch 16 and for a left-padded batch.
 

@@ -461,21 +461,25 @@ static inline __attribute__((always_inline)) void tile(const void *w, int wt, lo
                                   x[r * x_ld + c];
 }
 
-/* tile() with M, G and wt as constants, so that its loops unroll and the accumulators stay in registers. */
+/* tile() with M, G and wt as constants, so that its loops unroll and the accumulators stay in
+ * registers: the cases linear_rows dispatches (fp32 tiles serve one row only). Any other case
+ * runs the same code with runtime counts. */
 static void tile_const(const void *w, int wt, long K, const float *x, long x_ld, int M, int G, const void *ahead,
                        int burst, float *out) {
+    if (wt == F32 && M == 4 && G == 1) {
+        tile(w, F32, K, x, x_ld, 4, 1, ahead, burst, out);
+        return;
+    }
 #define TILE_CASE(M_, G_)                                                                            \
-    if (M == M_ && G == G_) {                                                                       \
-        if (wt == BF16)                                                                             \
-            tile(w, BF16, K, x, x_ld, M_, G_, ahead, burst, out);                                   \
-        else                                                                                        \
-            tile(w, F32, K, x, x_ld, M_, G_, ahead, burst, out);                                    \
+    if (wt == BF16 && M == M_ && G == G_) {                                                         \
+        tile(w, BF16, K, x, x_ld, M_, G_, ahead, burst, out);                                       \
         return;                                                                                     \
     }
     TILE_CASE(4, 1) TILE_CASE(4, 2) TILE_CASE(4, 3) TILE_CASE(4, 4)
     TILE_CASE(2, 1) TILE_CASE(2, 2) TILE_CASE(2, 3) TILE_CASE(2, 4)
     TILE_CASE(2, 5) TILE_CASE(2, 6) TILE_CASE(2, 7) TILE_CASE(2, 8)
 #undef TILE_CASE
+    tile(w, wt, K, x, x_ld, M, G, ahead, burst, out);
 }
 
 /* linear_rows by tiles: blocks of 4 weight rows for up to 4 input rows, else of 2 for up to 8 at a
