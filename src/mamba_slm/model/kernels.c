@@ -550,6 +550,32 @@ void linear_rows(const float *x, long x_ld, const void *W, int wt, const float *
 
 static inline float softplus(float v) { return v > 20.0f ? v : log1pf(expf(v)); }
 
+/* One row (p) of a head's SSD state advanced by a token: st = st * decay + xdt * B; returns C . st. */
+static inline float ssd_row(float *restrict st, float decay, float xdt, const float *restrict B,
+                            const float *restrict C, long N) {
+    float acc = 0.0f;
+    for (long n = 0; n < N; n++) {
+        st[n] = st[n] * decay + xdt * B[n];
+        acc += st[n] * C[n];
+    }
+    return acc;
+}
+
+/* y = RMSNorm(y * silu(z)) * w per group of gs channels, in place, for one token. */
+static inline void gated_norm_row(float *restrict y, const float *restrict z, const float *restrict w, long d,
+                                  long gs, float eps) {
+    for (long g0 = 0; g0 < d; g0 += gs) {
+        float ss = 0.0f;
+        for (long c = g0; c < g0 + gs; c++) {
+            float u = y[c] * z[c] * sigmoid(z[c]);
+            y[c] = u;
+            ss += u * u;
+        }
+        float rs = 1.0f / sqrtf(ss / gs + eps);
+        for (long c = g0; c < g0 + gs; c++) y[c] *= rs * w[c];
+    }
+}
+
 /* One token through a Mamba-2 mixer, between in_proj and out_proj, for each of R rows:
  * zxbcdt (R x (d_inner + conv_dim + H)) -> out (R x d_inner), advancing the conv window
  * (R x (K-1) x conv_dim) and the SSM state (R x H x P x N) in place. The same math as
@@ -591,29 +617,11 @@ static void mamba2_step_taps(const float *zxbcdt, long zx_ld, float *conv_state,
             float *restrict y = out + r * d_inner;
             for (long p = 0; p < P; p++) {
                 float *restrict st = ssm + ((r * H + h) * P + p) * N;
-                float xdt = x[h * P + p] * dt, acc = 0.0f;
-                for (long n = 0; n < N; n++) {
-                    st[n] = st[n] * decay + xdt * Bg[n];
-                    acc += st[n] * Cg[n];
-                }
-                y[h * P + p] = acc + D[h] * x[h * P + p];
+                y[h * P + p] = ssd_row(st, decay, x[h * P + p] * dt, Bg, Cg, N) + D[h] * x[h * P + p];
             }
         }
 #pragma omp for schedule(static)
-        for (long r = 0; r < R; r++) { /* gated RMSNorm */
-            const float *z = zxbcdt + r * zx_ld;
-            float *restrict y = out + r * d_inner;
-            for (long g0 = 0; g0 < d_inner; g0 += gs) {
-                float ss = 0.0f;
-                for (long c = g0; c < g0 + gs; c++) {
-                    float u = y[c] * z[c] * sigmoid(z[c]);
-                    y[c] = u;
-                    ss += u * u;
-                }
-                float rs = 1.0f / sqrtf(ss / gs + eps);
-                for (long c = g0; c < g0 + gs; c++) y[c] *= rs * norm_w[c];
-            }
-        }
+        for (long r = 0; r < R; r++) gated_norm_row(out + r * d_inner, zxbcdt + r * zx_ld, norm_w, d_inner, gs, eps);
     }
 }
 
@@ -653,31 +661,12 @@ static void mamba2_seq_taps(const float *zxbcdt, long zx_ld, float *conv_state, 
                 const float *restrict Cg = act + d_inner + G * N + (h / (H / G)) * N;
                 float *restrict y = out + t * d_inner + h * P;
                 for (long p = 0; p < P; p++) {
-                    float *restrict st = ssm + (h * P + p) * N;
-                    float xdt = x[p] * dt, acc = 0.0f;
-                    for (long n = 0; n < N; n++) {
-                        st[n] = st[n] * decay + xdt * Bg[n];
-                        acc += st[n] * Cg[n];
-                    }
-                    y[p] = acc + D[h] * x[p];
+                    y[p] = ssd_row(ssm + (h * P + p) * N, decay, x[p] * dt, Bg, Cg, N) + D[h] * x[p];
                 }
             }
         }
 #pragma omp for schedule(static)
-        for (long t = 0; t < R; t++) { /* gated RMSNorm */
-            const float *z = zxbcdt + t * zx_ld;
-            float *restrict y = out + t * d_inner;
-            for (long g0 = 0; g0 < d_inner; g0 += gs) {
-                float ss = 0.0f;
-                for (long c = g0; c < g0 + gs; c++) {
-                    float u = y[c] * z[c] * sigmoid(z[c]);
-                    y[c] = u;
-                    ss += u * u;
-                }
-                float rs = 1.0f / sqrtf(ss / gs + eps);
-                for (long c = g0; c < g0 + gs; c++) y[c] *= rs * norm_w[c];
-            }
-        }
+        for (long t = 0; t < R; t++) gated_norm_row(out + t * d_inner, zxbcdt + t * zx_ld, norm_w, d_inner, gs, eps);
     }
     /* the window now ends with the last K - 1 positions of (old window, tokens) */
     long kept = K - 1 > R ? K - 1 - R : 0; /* old window rows that stay, moved to the front */
