@@ -113,6 +113,7 @@ def test_demo_end_to_end_on_a_small_corpus(tmp_path):
     assert "## Chat fine-tuning (LoRA)" in report and "**User:** Who speaks" in report
     assert (out / "chat-lora" / "adapter_model.safetensors").exists()
     assert (out / "model" / "model.safetensors").exists() and (out / "tokenizer" / "tokenizer.json").exists()
+    assert (out / "model" / "lookup_ngrams.safetensors").exists()  # what --prompt-lookup drafts from
 
 
 def test_demo_into_an_unwritable_place_is_one_line(tmp_path):
@@ -319,3 +320,33 @@ def test_generate_compiles_before_the_clock_starts(tiny_model_dir, capsys, monke
     # the warm-up runs the timed run's first batch (2 prompts x 2 samples) for 2 tokens, off the clock
     assert events == ["clock", ("generate", 2, 2, 2), "clock", "clock", ("generate", 2, 2, 4), "clock"]
     assert "mamba-slm: compiled the decode step in " in capsys.readouterr().err
+
+
+def test_ngrams_writes_the_table_that_prompt_lookup_drafts_from(tiny_model_dir, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(["To be, or not to be, that is the question."] * 40))
+    assert main(["ngrams", "--model", str(model), "--dataset", str(corpus)]) == 0
+    assert "prompt-lookup n-gram table" in capsys.readouterr().out
+    engine = load_engine(str(model))
+    to_be = engine.encode(["To be, or not"])[0]
+    assert engine.ngrams.draft(to_be[:2], 3) == to_be[2:5]  # the corpus's one line, continued
+    args = [
+        "generate",
+        "--model",
+        str(model),
+        "--prompt",
+        "To be",
+        "--max-new-tokens",
+        "8",
+        "--temperature",
+        "0",
+    ]
+    assert main([*args, "--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)["completions"][0]["tokens"]
+    assert main([*args, "--prompt-lookup", "4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["completions"][0]["tokens"] == plain
+    result = run("ngrams", "--model", str(tmp_path / "missing"), "--dataset", str(corpus))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "missing" in result.stderr

@@ -269,3 +269,24 @@ def test_a_few_tokens_of_one_row_run_as_one_call_with_the_full_forward_logits(kv
     assert fused_runs == [True] * 5 and cache.states_after is None  # nothing kept unless asked
     tol = 1e-4 if kv_dtype is None else 3e-2
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("d_model", [64, 48])  # attention heads of 16 and of 12 (not one whole vector)
+def test_passes_of_several_tokens_of_a_padded_row_never_see_its_padding(d_model, fused_runs):
+    """Passes of 4 tokens and more share each key among their queries (attend_seq); 2 tokens do not.
+    The row kept from a left-padded batch must skip its padding slots either way."""
+    model = _perturbed(
+        ModelConfig.from_preset("tiny", vocab_size=96, d_model=d_model, layer_pattern="MAMA"), seed=4
+    )
+    ids = torch.randint(0, 96, (2, 40))
+    cache = model.allocate_cache(2, capacity=8)
+    with torch.no_grad():
+        model(ids[:, :8], attention_mask=torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1], [1] * 8]), cache=cache)
+        cache.select_rows(torch.tensor([0]))
+        fused_runs.clear()
+        got = torch.cat(
+            [model(ids[:1, s : s + n], cache=cache).logits for s, n in ((8, 5), (13, 2), (15, 16))], 1
+        )
+        want = model(ids[:1, 3:31]).logits[:, 5:]  # the row without its padding
+    assert fused_runs == [True] * 3 and cache.padded
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from mamba_slm import HybridLM, ModelConfig
-from mamba_slm.generation import Engine, GenerationConfig, GenerationError
+from mamba_slm.checkpoint import CheckpointError
+from mamba_slm.generation import Engine, GenerationConfig, GenerationError, load_engine
 from mamba_slm.model.cache import HybridCache
-from mamba_slm.speculative import NgramIndex
+from mamba_slm.speculative import NGRAMS_NAME, CorpusNgrams, NgramIndex
 
 LOOPING_PROMPT = [5, 6, 7, 8, 9] * 4
 
@@ -180,3 +181,62 @@ def test_several_prompts_each_get_their_own_lookup():
 def test_prompt_lookup_is_refused_outside_plain_greedy(settings):
     with pytest.raises(GenerationError, match="prompt_lookup"):
         GenerationConfig(**{"prompt_lookup": 4, **settings})
+
+
+def test_the_corpus_table_keeps_each_contexts_most_frequent_next_token():
+    docs = [[1, 2, 3] * 4 + [1, 2, 4], [1, 2, 4, 5], [5, 6], [5, 6], [5, 7]]
+    table = CorpusNgrams.count(docs, vocab_size=8, min_count=2)
+    assert table.draft([1, 2], 3) == [3, 1, 2]  # (1 2) went on with 3 four times, with 4 twice
+    assert table.draft([9, 5], 1) == [6]  # (9 5) was never seen: the one-token context (5) decides
+    assert table.draft([7], 2) == []  # (7) was seen once, fewer than min_count
+    assert table.draft([4], 1) == []  # (4 5) once only; documents are not joined: (4) -> (5) is not a pair
+    assert CorpusNgrams.count(docs, vocab_size=8, min_count=1).draft([4], 1) == [5]
+
+
+def test_the_corpus_table_is_saved_and_loaded_as_safetensors_and_checked(tmp_path):
+    table = CorpusNgrams.count([[3, 4, 5] * 20], vocab_size=16)
+    table.save(tmp_path / NGRAMS_NAME)
+    loaded = CorpusNgrams.load(tmp_path / NGRAMS_NAME, vocab_size=16)
+    assert loaded.next_token == table.next_token and loaded.draft([3], 4) == [4, 5, 3, 4]
+    with pytest.raises(CheckpointError, match="counted for a 16-token vocabulary, the model has 32"):
+        CorpusNgrams.load(tmp_path / NGRAMS_NAME, vocab_size=32)
+    (tmp_path / "bad.safetensors").write_bytes(b"not a table")
+    with pytest.raises(CheckpointError, match="bad.safetensors: not a lookup n-gram table"):
+        CorpusNgrams.load(tmp_path / "bad.safetensors", vocab_size=16)
+    outside = CorpusNgrams(16, [{3: 40}, {}])  # a next token past the vocabulary
+    outside.save(tmp_path / "outside.safetensors")
+    with pytest.raises(CheckpointError, match="next1 holds a token outside the vocabulary"):
+        CorpusNgrams.load(tmp_path / "outside.safetensors", vocab_size=16)
+
+
+@pytest.mark.parametrize("pattern", ["MAMA", "MMM"])
+def test_corpus_drafts_give_plain_greedy_tokens_in_fewer_passes(pattern):
+    """Where the context has no earlier match (here: the first tokens, before the random model's
+    text loops), the corpus table drafts; counted from a corpus holding this very text, it is right."""
+    model = tiny(3, layer_pattern=pattern)
+    passes = []
+    model.register_forward_hook(lambda module, args, out: passes.append(1))
+    greedy = GenerationConfig(max_new_tokens=12, temperature=0)
+    prompt = [40, 41, 42, 43]
+    want = Engine(model).generate([prompt], greedy)[0].tokens
+    table = CorpusNgrams.count([prompt + want], vocab_size=64, min_count=1)
+    counts = {}
+    for name, ngrams in (("context only", None), ("with corpus", table)):
+        passes.clear()
+        got = Engine(model, ngrams=ngrams).generate([prompt], replace(greedy, prompt_lookup=6))[0].tokens
+        assert got == want, name
+        counts[name] = len(passes)
+    assert counts["with corpus"] < counts["context only"] - 2, counts
+
+
+def test_load_engine_reads_the_model_directorys_corpus_table(tmp_path):
+    from mamba_slm.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(["to be or not to be " * 20], vocab_size=280, output_dir=tmp_path)
+    HybridLM(ModelConfig.from_preset("tiny", vocab_size=len(tokenizer))).save_pretrained(tmp_path)
+    assert load_engine(str(tmp_path)).ngrams is None
+    CorpusNgrams.count([[5, 6, 7] * 20], len(tokenizer)).save(tmp_path / NGRAMS_NAME)
+    assert load_engine(str(tmp_path)).ngrams.draft([5], 2) == [6, 7]
+    CorpusNgrams.count([[5, 6]], 999).save(tmp_path / NGRAMS_NAME)
+    with pytest.raises(CheckpointError, match=NGRAMS_NAME):
+        load_engine(str(tmp_path))

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from mamba_slm import HybridLM, ModelConfig
+from mamba_slm.speculative import NGRAMS_NAME, CorpusNgrams
 from mamba_slm.train import TrainArgs, Trainer, TrainError, lr_factor
 
 TEXT = "\n\n".join(
@@ -124,6 +125,10 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path, corpus_and_tok
     a, b = HybridLM.from_pretrained(tmp_path / "full"), HybridLM.from_pretrained(tmp_path / "killed")
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=name)
+    # the corpus table that --prompt-lookup drafts from is written with the model, from the same blocks
+    full_table, resumed_table = (CorpusNgrams.load(tmp_path / run / NGRAMS_NAME, a.config.vocab_size)
+                                 for run in ("full", "killed"))  # fmt: skip
+    assert len(full_table) > 0 and full_table.next_token == resumed_table.next_token
 
 
 def test_errors(tmp_path, corpus_and_tokenizer):

@@ -21,6 +21,7 @@ from .config import ConfigError
 from .data import DataError, DataSpec, load_corpus, materialize
 from .finetune import FinetuneError
 from .generation import GenerationError
+from .speculative import NGRAMS_NAME, CorpusNgrams
 from .tokenizer import TokenizerError, load_tokenizer, train_tokenizer
 from .train import TrainError
 
@@ -134,6 +135,30 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(
         f"done at step {result['step']}" + (f"; best validation loss {best:.4f}" if best is not None else "")
     )
+    write_ngrams(train_blocks, model.config.vocab_size, Path(args.output_dir))
+
+
+def write_ngrams(blocks, vocab_size: int, model_dir: Path) -> None:
+    """The corpus table that prompt lookup drafts from where the text has no match (speculative.py)."""
+    table = CorpusNgrams.count(blocks, vocab_size)
+    table.save(model_dir / NGRAMS_NAME)
+    print(f"prompt-lookup n-gram table: {len(table):,} contexts in {model_dir / NGRAMS_NAME}")
+
+
+def cmd_ngrams(args: argparse.Namespace) -> None:
+    from .checkpoint import load_config
+    from .data import tokenize_and_pack
+
+    config = load_config(args.model)
+    tokenizer = load_tokenizer(args.model)
+    if len(tokenizer) > config.vocab_size:
+        raise CheckpointError(
+            f"{args.model}: its tokenizer has {len(tokenizer)} tokens, the model {config.vocab_size}"
+        )
+    blocks = tokenize_and_pack(load_corpus(data_spec(args))["train"], tokenizer, 1024, args.num_proc)[
+        "input_ids"
+    ]
+    write_ngrams(blocks, config.vocab_size, Path(args.model))
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
@@ -487,6 +512,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="shard the model across processes (under accelerate launch/torchrun)",
     )
     tr.set_defaults(func=cmd_train)
+
+    ngrams = commands.add_parser(
+        "ngrams", help=f"count a corpus's n-grams into MODEL/{NGRAMS_NAME}, for --prompt-lookup's drafts"
+    )
+    add_data_args(ngrams)
+    ngrams.add_argument("--model", required=True, help="model directory (train writes its corpus's table)")
+    ngrams.set_defaults(func=cmd_ngrams)
 
     ft = commands.add_parser("finetune", help="fine-tune a model: LoRA/QLoRA or full, text or chat SFT")
     ft.add_argument("--base", required=True, help="the pre-trained model directory")

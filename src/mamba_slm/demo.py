@@ -20,6 +20,7 @@ from .data import DataError, DataSpec, load_corpus, tokenize_and_pack
 from .evaluate import perplexity, unigram_perplexity
 from .generation import SamplingConfig, generate
 from .model.hybrid import HybridLM
+from .speculative import NGRAMS_NAME, CorpusNgrams
 from .tokenizer import train_tokenizer
 from .train import TrainArgs, Trainer
 
@@ -90,6 +91,8 @@ def run_demo(args: DemoArgs) -> dict:
     result = Trainer(model, train_blocks, [], train_args, tokenizer.pad_token_id, tokenizer).train()
     train_seconds = time.perf_counter() - train_start
     losses = [e for e in result["log"] if "loss" in e]
+    # What `--prompt-lookup` drafts from where the text has no earlier match, as `train` writes it.
+    CorpusNgrams.count(train_blocks, config.vocab_size).save(out / "model" / NGRAMS_NAME)
 
     step(4, f"evaluating on {len(eval_blocks)} held-out blocks")
     model_ppl = perplexity(model, eval_blocks)

@@ -33,7 +33,7 @@ from .errors import describe
 from .model.hybrid import HybridLM
 from .model.linear import MAX_ROWS
 from .search import RepetitionPenalty, beam_search, contrastive_steps, penalize_repetition  # noqa: F401 (public here too)
-from .speculative import lookup_steps
+from .speculative import NGRAMS_NAME, CorpusNgrams, lookup_steps
 
 KV_ROOM = 1024  # new tokens the first KV allocation holds beyond the prompt
 GPU_ROWS = 256  # default rows of a batch on a GPU: enough to fill it for small models, bounded memory
@@ -251,10 +251,12 @@ class Engine:
         tokenizer=None,
         compile: bool = False,
         kv_cache_dtype: torch.dtype | None = None,
+        ngrams: CorpusNgrams | None = None,
     ) -> None:
         """kv_cache_dtype: the attention layers' cached keys and values (default: the model's dtype);
         bf16 halves what a long context stores and reads per step, at bf16 precision (on a CPU the
-        one-call decode step reads fp32 and bf16 caches; other dtypes take the module path)."""
+        one-call decode step reads fp32 and bf16 caches; other dtypes take the module path).
+        ngrams: a corpus's n-gram table, which prompt lookup drafts from where the text has no match."""
         if kv_cache_dtype is not None and not (
             isinstance(kv_cache_dtype, torch.dtype) and kv_cache_dtype.is_floating_point
         ):
@@ -263,6 +265,7 @@ class Engine:
             )
         self.model = model  # in eval mode while it generates, its own mode restored after (_evaluating)
         self.kv_cache_dtype = kv_cache_dtype
+        self.ngrams = ngrams
         if compile:  # opt-in: a compiled decode step per Mamba block (HybridLM.compile_decode)
             model.compile_decode("reduce-overhead" if next(model.parameters()).is_cuda else None)
         self.tokenizer = tokenizer
@@ -432,7 +435,7 @@ class Engine:
         logits, cache, _, tokens, mask = self._prefill(ids, config)
         if config.prompt_lookup:
             yield from lookup_steps(
-                self.model, logits, cache, ids[0], config.prompt_lookup, config.max_new_tokens
+                self.model, logits, cache, ids[0], config.prompt_lookup, config.max_new_tokens, self.ngrams
             )
             return
         n = config.num_return_sequences
@@ -596,7 +599,9 @@ def load_engine(
     `path` may also be an adapter directory alone: its recorded base is loaded and the adapter merged.
     `dtype` casts the weights after the merge (default: as saved, fp32): bfloat16 or float16 halve
     the bytes a decode step reads. On a CPU a bf16 model's decode step reads its bf16 weights and
-    sums in fp32 (`fused_step`); float16 takes the (slower) module path there."""
+    sums in fp32 (`fused_step`); float16 takes the (slower) module path there. The directory's (else
+    the tokenizer's directory's) `lookup_ngrams.safetensors`, if any, is what prompt lookup drafts
+    from where the text has no match."""
     for flag, value, choices in (("--kv-cache-dtype", kv_cache_dtype, KV_CACHE_DTYPES),
                                  ("--dtype", dtype, MODEL_DTYPES)):  # fmt: skip
         if value and value not in choices:
@@ -628,4 +633,7 @@ def load_engine(
     if dtype:
         model = model.to(MODEL_DTYPES[dtype])
     kv = KV_CACHE_DTYPES[kv_cache_dtype] if kv_cache_dtype else None
-    return Engine(model, load_tokenizer(tokenizer_dir), compile=compile, kv_cache_dtype=kv)
+    tables = [d / NGRAMS_NAME for d in dict.fromkeys((Path(path), tokenizer_dir))]
+    table = next((t for t in tables if t.exists()), None)
+    ngrams = CorpusNgrams.load(table, model.config.vocab_size) if table else None
+    return Engine(model, load_tokenizer(tokenizer_dir), compile=compile, kv_cache_dtype=kv, ngrams=ngrams)

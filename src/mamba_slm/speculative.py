@@ -14,6 +14,14 @@ from before the pass and a second pass over the kept tokens).
 transformers refuses assisted decoding for stateful models (Mamba, Jamba, ours through `hf.py`):
 their recurrent state cannot be cropped. Keeping what a rewind needs is what makes it possible here.
 
+Where the context has no earlier match, the draft can come from a corpus instead: `CorpusNgrams`
+holds, for each one- and two-token context of a training corpus, the token that most often came
+next, and a draft follows that chain for a few tokens (retrieval drafting, as in REST and llama.cpp's
+static n-gram cache). `mamba-slm train` counts it from its training blocks into the model directory
+(`lookup_ngrams.safetensors`), `mamba-slm ngrams` from any corpus. A small model's greedy text keeps
+to its corpus's common phrases: on the built-in corpus about 40% of passes found no earlier match,
+and the table turned them from one token each into ~2.
+
 The tokens are greedy's. A pass over several tokens sums in another order than a one-token step,
 so where two tokens are within float rounding of each other the pick can differ, as between
 batch sizes.
@@ -21,17 +29,27 @@ batch sizes.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 
+import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
+from .checkpoint import CheckpointError, atomic_write
+from .errors import describe
 from .model.cache import HybridCache
 from .model.hybrid import HybridLM
 from .model.linear import MAX_ROWS
 
 MAX_NGRAM = 3  # the longest context suffix matched; 3, 2, 1 are tried in turn
 FIRST_DRAFT = 4  # the draft length to start from, and the shortest one after a miss
+NGRAMS_NAME = "lookup_ngrams.safetensors"  # a model directory's corpus table
+CORPUS_ORDER = 2  # contexts of up to 2 tokens: longer ones fit the corpus, not a small model's text
+CORPUS_MIN_COUNT = 10  # a context seen fewer times is not trusted to predict the next token
+CORPUS_DRAFT = 4  # tokens a corpus draft chains; each is likelier wrong than the one before
 
 
 class NgramIndex:
@@ -64,6 +82,99 @@ class NgramIndex:
         return []
 
 
+class CorpusNgrams:
+    """For each context of 1..CORPUS_ORDER tokens seen at least `min_count` times in a corpus, the
+    token that most often followed it; `draft` chains them, the longest known context first."""
+
+    def __init__(self, vocab_size: int, next_token: list[dict[int, int]]) -> None:
+        self.vocab_size = vocab_size
+        self.next_token = next_token  # [n - 1]: context key (base-vocab_size number) -> next token
+
+    @classmethod
+    def count(
+        cls, documents: Iterable[Sequence[int]], vocab_size: int, min_count: int = CORPUS_MIN_COUNT
+    ) -> CorpusNgrams:
+        """Counted with numpy over every document (token id lists; contexts do not span documents)."""
+        if vocab_size ** (CORPUS_ORDER + 1) >= 2**63:
+            raise ValueError(f"vocab_size {vocab_size}: too large for int64 n-gram keys")
+        pairs: list[list[np.ndarray]] = [[] for _ in range(CORPUS_ORDER)]
+        for doc in documents:
+            ids = np.asarray(doc, dtype=np.int64)
+            for n in range(1, CORPUS_ORDER + 1):
+                if len(ids) > n:  # (context, next) as one number: context * vocab + next
+                    key = np.zeros(len(ids) - n, dtype=np.int64)
+                    for j in range(n + 1):
+                        key = key * vocab_size + ids[j : len(ids) - n + j]
+                    pairs[n - 1].append(key)
+        return cls(vocab_size, [_most_frequent(p, vocab_size, min_count) for p in pairs])
+
+    def draft(self, tokens: Sequence[int], k: int) -> list[int]:
+        out: list[int] = []
+        context = list(tokens[-CORPUS_ORDER:])
+        while len(out) < k:
+            for n in range(min(len(context), CORPUS_ORDER), 0, -1):
+                key = 0
+                for t in context[-n:]:
+                    key = key * self.vocab_size + t
+                token = self.next_token[n - 1].get(key)
+                if token is not None:
+                    break
+            else:
+                return out
+            out.append(token)
+            context = [*context[1:], token] if len(context) == CORPUS_ORDER else [*context, token]
+        return out
+
+    def __len__(self) -> int:
+        return sum(len(t) for t in self.next_token)
+
+    def save(self, path: str | Path) -> None:
+        tensors = {}
+        for n, table in enumerate(self.next_token, 1):
+            tensors[f"context{n}"] = torch.tensor(list(table), dtype=torch.int64)
+            tensors[f"next{n}"] = torch.tensor(list(table.values()), dtype=torch.int64)
+        meta = {"vocab_size": str(self.vocab_size)}
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+    @classmethod
+    def load(cls, path: str | Path, vocab_size: int) -> CorpusNgrams:
+        """The table of `path`, checked against the model's vocabulary (CheckpointError if unusable)."""
+        try:
+            with safe_open(path, framework="pt") as f:
+                table_vocab = int((f.metadata() or {})["vocab_size"])
+                names = f.keys()
+                tensors = {name: f.get_tensor(name) for name in names}
+        except (SafetensorError, OSError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{path}: not a lookup n-gram table ({describe(e)})") from None
+        if table_vocab != vocab_size:
+            raise CheckpointError(
+                f"{path}: counted for a {table_vocab}-token vocabulary, the model has {vocab_size}"
+            )
+        next_token = []
+        for n in range(1, CORPUS_ORDER + 1):
+            keys, values = tensors.get(f"context{n}"), tensors.get(f"next{n}")
+            if keys is None or values is None or keys.shape != values.shape or keys.dim() != 1:
+                raise CheckpointError(f"{path}: expected 1-d context{n} and next{n} of one length")
+            if len(values) and (int(values.min()) < 0 or int(values.max()) >= vocab_size):
+                raise CheckpointError(f"{path}: next{n} holds a token outside the vocabulary")
+            next_token.append(dict(zip(keys.tolist(), values.tolist(), strict=True)))
+        return cls(vocab_size, next_token)
+
+
+def _most_frequent(keys: list[np.ndarray], vocab_size: int, min_count: int) -> dict[int, int]:
+    """context -> its most frequent next token, from (context * vocab + next) numbers."""
+    if not keys:
+        return {}
+    pair, count = np.unique(np.concatenate(keys), return_counts=True)
+    context, token = pair // vocab_size, pair % vocab_size
+    order = np.lexsort((-count, context))  # by context, the most frequent first (ties: smallest id)
+    context, token, count = context[order], token[order], count[order]
+    first = np.ones(len(context), dtype=bool)
+    first[1:] = context[1:] != context[:-1]
+    keep = first & (count >= min_count)
+    return dict(zip(context[keep].tolist(), token[keep].tolist(), strict=True))
+
+
 def lookup_steps(
     model: HybridLM,
     logits: Tensor,
@@ -71,9 +182,11 @@ def lookup_steps(
     prompt: Sequence[int],
     max_draft: int,
     max_new_tokens: int,
+    corpus: CorpusNgrams | None = None,
 ) -> Iterator[Tensor]:
     """Greedy tokens of one row, one (1,) tensor at a time, after its prefill (`logits`: (1, vocab),
-    the prompt's last position); drafts of up to max_draft tokens from `prompt` and the output.
+    the prompt's last position); drafts of up to max_draft tokens from `prompt` and the output,
+    and where they have no match, of up to CORPUS_DRAFT tokens from `corpus`.
 
     The draft length adapts: doubled after a draft accepted whole, else one more than the tokens
     accepted (at least FIRST_DRAFT). A long draft pays where the text is in a loop, and costs a
@@ -93,7 +206,10 @@ def lookup_steps(
         if produced == max_new_tokens:
             return
         # The pass yields up to len(draft) + 1 tokens; the last must still fit the budget.
-        draft = index.draft(min(length, max_new_tokens - produced - 1))
+        room = max_new_tokens - produced - 1
+        draft = index.draft(min(length, room))
+        if not draft and corpus is not None:
+            draft = corpus.draft(index.tokens, min(CORPUS_DRAFT, max_draft, room))
         tokens = torch.tensor([[token, *draft]], device=device)
         greedy = model(tokens, cache=cache).logits[0].argmax(-1).tolist()
         accepted = 0
