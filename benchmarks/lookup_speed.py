@@ -11,10 +11,13 @@ calls (prefill included), best of interleaved rounds. Models:
   * `make demo`'s model, when it is there;
   * any other `--trained` directory.
 Trained small models' greedy text repeats itself, which is what lookup drafts from. For each: our
-engine plain, our engine with `prompt_lookup=LOOKUP`, and our model through transformers'
-`generate` on the same weights (transformers refuses prompt lookup and assisted decoding for
-stateful models, so its run is plain greedy). "Tokens per pass" is the new tokens over the model
-passes after the prefill. Lookup's tokens are checked to equal plain greedy's.
+engine plain; our engine with `prompt_lookup=LOOKUP`, drafting from the context only, then also
+from the training corpus's n-gram table where the context has no match (`lookup_ngrams.safetensors`,
+which `train` writes; counted here with `mamba-slm ngrams` from the built-in corpus for a model
+directory without one); and our model through transformers' `generate` on the same weights
+(transformers refuses prompt lookup and assisted decoding for stateful models, so its run is plain
+greedy). "Tokens per pass" is the new tokens over the model passes after the prefill. Lookup's
+tokens are checked to equal plain greedy's.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from mamba_slm.bench import SEED_PROMPTS, random_prompt  # noqa: E402
 from mamba_slm.generation import Engine, GenerationConfig, load_engine  # noqa: E402
 from mamba_slm.hf import MambaSLMForCausalLM  # noqa: E402
 from mamba_slm.runtime import tune_cpu_allocator  # noqa: E402
-from mamba_slm.speculative import FIRST_DRAFT  # noqa: E402
+from mamba_slm.speculative import FIRST_DRAFT, NGRAMS_NAME  # noqa: E402
 from model_speed import build, write_section  # noqa: E402
 
 NEW_TOKENS = 128
@@ -60,30 +63,38 @@ def train_bench_model(out: Path) -> None:
 
 
 def measure(engine: Engine, prompts: list[list[int]], rounds: int) -> dict[str, float]:
-    """Best tokens/s of each generator over interleaved rounds, and the lookup's tokens per pass."""
+    """Best tokens/s of each generator over interleaved rounds, and each lookup's tokens per pass."""
     plain, lookup = (
         GenerationConfig(max_new_tokens=NEW_TOKENS, temperature=0, prompt_lookup=k) for k in (0, LOOKUP)
     )
     hf = MambaSLMForCausalLM.from_core(engine.model).eval()
+    table = engine.ngrams
 
     def hf_generate(p):
         with torch.inference_mode():
             hf.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
                         pad_token_id=0, eos_token_id=None)  # fmt: skip
 
-    runners = {
-        "plain": lambda p: engine.generate([p], plain),
-        "lookup": lambda p: engine.generate([p], lookup),
-        "hf": hf_generate,
-    }
+    def lookup_with(ngrams):
+        def run(p):
+            engine.ngrams = ngrams
+            return engine.generate([p], lookup)
+
+        return run
+
+    runners = {"plain": lambda p: engine.generate([p], plain), "lookup": lookup_with(None)}
+    if table is not None:
+        runners["corpus"] = lookup_with(table)
+    runners["hf"] = hf_generate
     passes: list[int] = []  # model passes (prefill included) of the latest generate call
     hook = engine.model.register_forward_hook(lambda m, args, out: passes.append(1))
-    decode_passes = 0
+    decode_passes = dict.fromkeys(("lookup", "corpus") if table is not None else ("lookup",), 0)
     for p in prompts:
         want = engine.generate([p], plain)[0].tokens
-        passes.clear()
-        assert engine.generate([p], lookup)[0].tokens == want, "prompt lookup changed the greedy tokens"
-        decode_passes += len(passes) - 1
+        for name in decode_passes:
+            passes.clear()
+            assert runners[name](p)[0].tokens == want, "prompt lookup changed the greedy tokens"
+            decode_passes[name] += len(passes) - 1
     hook.remove()
     best: dict[str, float] = {}
     for _ in range(rounds):
@@ -94,16 +105,21 @@ def measure(engine: Engine, prompts: list[list[int]], rounds: int) -> dict[str, 
                 run(p)
                 seconds += time.perf_counter() - start
             best[name] = max(best.get(name, 0.0), len(prompts) * NEW_TOKENS / seconds)
-    best["tokens_per_pass"] = len(prompts) * NEW_TOKENS / decode_passes
+    engine.ngrams = table
+    for name, n in decode_passes.items():
+        best[f"{name}_tokens_per_pass"] = len(prompts) * NEW_TOKENS / n
     return best
 
 
 def row(label: str, r: dict[str, float]) -> str:
-    return (
-        f"| {label} | {r['plain']:.0f} | {r['lookup']:.0f} ({r['tokens_per_pass']:.2f} tokens per pass) | "
-        f"{r['hf']:.0f} | {r['lookup'] / r['plain']:.2f}x | {r['lookup'] / r['hf']:.2f}x | "
-        f"{r['plain'] * r['tokens_per_pass'] / r['lookup']:.2f} |"
-    )
+    def drafted(name: str) -> str:
+        if name not in r:
+            return "— | —"
+        pass_cost = r["plain"] * r[f"{name}_tokens_per_pass"] / r[name]
+        return (f"{r[name]:.0f} ({r[f'{name}_tokens_per_pass']:.2f} tokens per pass, a pass {pass_cost:.2f} plain "
+                f"steps) | **{r[name] / r['hf']:.2f}x**")  # fmt: skip
+
+    return f"| {label} | {r['plain']:.0f} | {r['hf']:.0f} | {drafted('lookup')} | {drafted('corpus')} |"
 
 
 def main() -> None:
@@ -125,6 +141,8 @@ def main() -> None:
     lines = [row("~30M benchmark model, random weights", measure(random_engine, random_prompts, args.rounds))]
     demo = Path("runs/demo/model")
     for path in [BENCH_MODEL / "model", *([demo] if (demo / "config.json").exists() else []), *args.trained]:
+        if not (path / NGRAMS_NAME).exists():  # trained before `train` wrote the table: the built-in corpus's
+            subprocess.run([sys.executable, "-m", "mamba_slm", "ngrams", "--model", str(path)], check=True)
         engine = load_engine(str(path))
         steps = json.loads((path / "training_args.json").read_text()).get("max_steps")
         label = f"`{path}`: {engine.model.num_parameters() / 1e6:.1f}M parameters, trained {steps} steps"
@@ -136,14 +154,16 @@ def main() -> None:
         f"accepted whole) and gave plain greedy's tokens (checked). "
         f"`{BENCH_MODEL}/model` is the ~30M benchmark configuration trained on the built-in corpus by this script.",
         "",
-        "| model | Engine tok/s | Engine + prompt lookup tok/s | ours through transformers `generate` tok/s "
-        "| lookup vs plain | lookup vs `generate` | a lookup pass, in plain steps |",
+        "| model | Engine tok/s | ours through transformers `generate` tok/s | Engine + prompt lookup, context "
+        "drafts only, tok/s | vs `generate` | + corpus drafts where the context has no match, tok/s "
+        "| vs `generate` |",
         "|---|---|---|---|---|---|---|",
         *lines,
         "",
         "Random weights almost never repeat a span of their own text, so lookup is plain greedy plus the cost of "
-        "the few rejected drafts; trained small models' greedy text repeats itself. The last column is what a "
-        "lookup pass (the last token and its draft, verified together) costs in plain greedy's time per token.",
+        "the few rejected drafts (and they have no corpus); trained small models' greedy text repeats itself, and "
+        "keeps to its corpus's common phrases. \"A pass, in plain steps\" is what a lookup pass (the last token "
+        "and its draft, verified together) costs in plain greedy's time per token.",
         "",
     ])  # fmt: skip
     print(body)

@@ -250,11 +250,13 @@ def test_uncovered_layers_keep_the_module_path_and_their_outputs(fused_runs):
 
 
 @pytest.mark.parametrize("kv_dtype", [None, torch.bfloat16])
-def test_a_few_tokens_of_one_row_run_as_one_call_with_the_full_forward_logits(kv_dtype, fused_runs):
+@pytest.mark.parametrize("d_state", [16, 64, 24])  # the recurrence: unrolled for 16 and 64, else row by row
+def test_a_few_tokens_of_one_row_run_as_one_call_with_the_full_forward_logits(kv_dtype, d_state, fused_runs):
     """A short prefill or a draft to verify: the tokens of one row through the C step together,
     the Mamba states token after token, each token attending up to its own slot. A pass of 2 tokens
     is shorter than the conv window (3 earlier positions): part of the old window stays."""
-    model = _perturbed(ModelConfig.from_preset("tiny", vocab_size=96, layer_pattern="MAMA"), seed=8)
+    config = ModelConfig.from_preset("tiny", vocab_size=96, layer_pattern="MAMA", d_state=d_state)
+    model = _perturbed(config, seed=8)
     ids = torch.randint(0, 96, (1, 40))
     cache = model.allocate_cache(1, capacity=3, kv_dtype=kv_dtype)  # the KV buffers grow in between
     with torch.no_grad():
