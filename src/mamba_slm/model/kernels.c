@@ -886,6 +886,7 @@ void attend_one(const float *q, long q_bs, long q_hs, const void *k, long k_bs, 
             for (; d0 + 16 <= D; d0 += 16) {                                                             \
                 v16 o0 = {0}, o1 = {0}, o2 = {0}, o3 = {0};                                              \
                 for (long t = 0; t < Tg; t++) {                                                          \
+                    if (ok && !ok[t]) continue; /* a padding slot's value may hold anything */           \
                     v16 vt;                                                                              \
                     for (int j = 0; j < 16; j++) vt[j] = LOAD(vb[t * v_ts + d0 + j]);                    \
                     o0 += s0[t] * vt, o1 += s1[t] * vt, o2 += s2[t] * vt, o3 += s3[t] * vt;             \
@@ -896,7 +897,8 @@ void attend_one(const float *q, long q_bs, long q_hs, const void *k, long k_bs, 
             for (long g = 0; g < G; g++) /* D not a multiple of 16 */                                   \
                 for (long d = d0; d < D; d++) {                                                          \
                     float acc = 0.0f;                                                                    \
-                    for (long t = 0; t < Tg; t++) acc += s[(r0 + g) * ld + t] * LOAD(vb[t * v_ts + d]);  \
+                    for (long t = 0; t < Tg; t++)                                                        \
+                        if (!ok || ok[t]) acc += s[(r0 + g) * ld + t] * LOAD(vb[t * v_ts + d]);          \
                     out[(r0 + g) * o_ld + d] = acc;                                                      \
                 }                                                                                        \
         }                                                                                                \
