@@ -130,7 +130,7 @@ def main() -> None:
     parser.add_argument(
         "--trained", type=Path, action="append", default=[], help="another trained model directory"
     )
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
     if not (BENCH_MODEL / "model" / "config.json").exists():
         train_bench_model(BENCH_MODEL)

@@ -629,9 +629,13 @@ static void mamba2_step_taps(const float *zxbcdt, long zx_ld, float *conv_state,
  * token), four rows at a time: their state (4 x N, N = 16 * NV) stays in registers over the tokens,
  * each token's B and C are loaded once for the four, and one hsum4 gives their four outputs. Row
  * by row, the state went through L1 for every token and each output was a horizontal sum of its
- * own: 2-3x the time. act: the tokens' conv outputs (act_ld apart: x at x_off, B at b_off, C at
- * c_off); y (y_ld apart) receives C . state + Dh x. */
-static inline __attribute__((always_inline)) void ssd_head_seq(float *restrict st, long P, const int NV, long R,
+ * own: 2-3x the time. The state is read from `from` and written to `st` (the same place, or a
+ * rewind's replay from the trail); `trail` (or NULL) receives a copy of it as read, which is what a
+ * later rewind starts from: a copy made in passing, not a pass of its own over 256 KB per layer.
+ * act: the tokens' conv outputs (act_ld apart: x at x_off, B at b_off, C at c_off); y (y_ld apart)
+ * receives C . state + Dh x, unless `outputs` is 0 (a replay needs the states only). */
+static inline __attribute__((always_inline)) void ssd_head_seq(const float *from, float *st, float *trail, long P,
+                                                               const int NV, const int outputs, long R,
                                                                const float *dt, const float *decay,
                                                                const float *act, long act_ld, long x_off, long b_off,
                                                                long c_off, float *y, long y_ld, float Dh) {
@@ -640,7 +644,10 @@ static inline __attribute__((always_inline)) void ssd_head_seq(float *restrict s
 #pragma GCC unroll 4
         for (int i = 0; i < 4; i++)
 #pragma GCC unroll 4
-            for (int j = 0; j < NV; j++) s[i][j] = *(const v16u *)(st + (p0 + i) * NV * 16 + j * 16);
+            for (int j = 0; j < NV; j++) {
+                s[i][j] = *(const v16u *)(from + (p0 + i) * NV * 16 + j * 16);
+                if (trail) memcpy(trail + (p0 + i) * NV * 16 + j * 16, &s[i][j], sizeof(v16));
+            }
         for (long t = 0; t < R; t++) {
             const float *a = act + t * act_ld, *x = a + x_off + p0;
 #pragma GCC unroll 4
@@ -652,9 +659,10 @@ static inline __attribute__((always_inline)) void ssd_head_seq(float *restrict s
 #pragma GCC unroll 4
                 for (int j = 0; j < NV; j++) {
                     s[i][j] = s[i][j] * decay[t] + xdt * b[j];
-                    acc[i] += s[i][j] * c[j];
+                    if (outputs) acc[i] += s[i][j] * c[j];
                 }
             }
+            if (!outputs) continue;
             float sums[4];
             hsum4(acc[0], acc[1], acc[2], acc[3], sums);
             for (int i = 0; i < 4; i++) y[t * y_ld + p0 + i] = sums[i] + Dh * x[i];
@@ -674,7 +682,8 @@ static inline __attribute__((always_inline)) void ssd_head_seq(float *restrict s
 static void mamba2_seq_taps(const float *zxbcdt, long zx_ld, float *conv_state, const float *wT,
                             const float *conv_b, const float *dt_bias, const float *A_log, const float *D,
                             float *ssm, const float *norm_w, float *out, float *act_all, long R, long d_inner,
-                            long H, long P, long G, long N, long K, long norm_groups, float eps, int nt) {
+                            long H, long P, long G, long N, long K, long norm_groups, float eps, int nt,
+                            const float *ssm_from, float *ssm_trail, int outputs) {
     long conv_dim = d_inner + 2 * G * N, gs = d_inner / norm_groups;
 #pragma omp parallel num_threads(nt)
     {
@@ -699,15 +708,21 @@ static void mamba2_seq_taps(const float *zxbcdt, long zx_ld, float *conv_state, 
                 dt[t] = softplus(zxbcdt[t * zx_ld + d_inner + conv_dim + h] + dt_bias[h]);
                 decay[t] = expf(A * dt[t]);
             }
-            float *st = ssm + h * P * N, *y = out + h * P;
-            if (P % 4 == 0 && N == 64) { /* the usual d_state; unrolled, so the state sits in registers */
-                ssd_head_seq(st, P, 4, R, dt, decay, act_all, conv_dim, x_off, b_off, c_off, y, d_inner, D[h]);
+            float *st = ssm + h * P * N, *y = out + h * P, *trail = ssm_trail ? ssm_trail + h * P * N : NULL;
+            const float *from = (ssm_from ? ssm_from : ssm) + h * P * N;
+#define SSD_HEAD(NV_, OUT_)                                                                                      \
+    ssd_head_seq(from, st, trail, P, NV_, OUT_, R, dt, decay, act_all, conv_dim, x_off, b_off, c_off, y, d_inner, \
+                 D[h])
+            if (P % 4 == 0 && (N == 64 || N == 16)) { /* unrolled, so the state sits in registers */
+                if (N == 64 && outputs) SSD_HEAD(4, 1);
+                else if (N == 64) SSD_HEAD(4, 0);
+                else if (outputs) SSD_HEAD(1, 1);
+                else SSD_HEAD(1, 0);
                 continue;
             }
-            if (P % 4 == 0 && N == 16) {
-                ssd_head_seq(st, P, 1, R, dt, decay, act_all, conv_dim, x_off, b_off, c_off, y, d_inner, D[h]);
-                continue;
-            }
+#undef SSD_HEAD
+            if (trail) memcpy(trail, from, P * N * sizeof(float));
+            if (from != st) memcpy(st, from, P * N * sizeof(float));
             for (long t = 0; t < R; t++) {
                 const float *act = act_all + t * conv_dim, *x = act + x_off;
                 for (long p = 0; p < P; p++)
@@ -715,8 +730,10 @@ static void mamba2_seq_taps(const float *zxbcdt, long zx_ld, float *conv_state, 
                         ssd_row(st + p * N, decay[t], x[p] * dt[t], act + b_off, act + c_off, N) + D[h] * x[p];
             }
         }
+        if (outputs)
 #pragma omp for schedule(static)
-        for (long t = 0; t < R; t++) gated_norm_row(out + t * d_inner, zxbcdt + t * zx_ld, norm_w, d_inner, gs, eps);
+            for (long t = 0; t < R; t++)
+                gated_norm_row(out + t * d_inner, zxbcdt + t * zx_ld, norm_w, d_inner, gs, eps);
     }
     /* the window now ends with the last K - 1 positions of (old window, tokens) */
     long kept = K - 1 > R ? K - 1 - R : 0; /* old window rows that stay, moved to the front */
@@ -1045,16 +1062,21 @@ int hybrid_step(const StepLayer *layers, long n_layers, float *x, long R, long D
         rms_norm_fwd(x, D, L->norm_w, normed, R, D, L->norm_eps, 1);
         if (L->kind == 0) {
             linear_rows(normed, D, L->w_in, L->w_type, L->b_in, in, R, L->n_in, D, nt);
+            float *ssm_trail = NULL; /* the SSM state is copied there by the recurrence, as it reads it */
             if (seq && trails && trails[i]) {
                 long conv_n = mamba_conv_n(L), ssm_n = L->H * L->P * L->N;
                 memcpy(trails[i], L->conv_state, conv_n * sizeof(float));
-                memcpy(trails[i] + conv_n, L->ssm, ssm_n * sizeof(float));
+                ssm_trail = trails[i] + conv_n;
                 memcpy(trails[i] + conv_n + ssm_n, in, R * L->n_in * sizeof(float));
             }
-            (seq ? mamba2_seq_taps : mamba2_step_taps)(in, L->n_in, L->conv_state, L->conv_wT, L->conv_b,
-                                                        L->dt_bias, L->A_log, L->D, L->ssm, L->gnorm_w, y, scratch, R,
-                                                        L->n_mix, L->H, L->P, L->G, L->N, L->K, L->gnorm_groups,
-                                                        L->gnorm_eps, nt);
+            if (seq)
+                mamba2_seq_taps(in, L->n_in, L->conv_state, L->conv_wT, L->conv_b, L->dt_bias, L->A_log, L->D, L->ssm,
+                                L->gnorm_w, y, scratch, R, L->n_mix, L->H, L->P, L->G, L->N, L->K, L->gnorm_groups,
+                                L->gnorm_eps, nt, NULL, ssm_trail, 1);
+            else
+                mamba2_step_taps(in, L->n_in, L->conv_state, L->conv_wT, L->conv_b, L->dt_bias, L->A_log, L->D, L->ssm,
+                                 L->gnorm_w, y, scratch, R, L->n_mix, L->H, L->P, L->G, L->N, L->K, L->gnorm_groups,
+                                 L->gnorm_eps, nt);
         } else {
             long hd = L->head_dim, q_w = L->heads * hd, kv_w = L->kv_heads * hd, cap = L->capacity;
             float *q = in, *k = q + R * q_w, *v = k + R * kv_w;
@@ -1118,12 +1140,11 @@ int hybrid_rewind(const StepLayer *layers, long n_layers, float *const *trails, 
         if (!trails[i]) continue;
         long conv_n = mamba_conv_n(L), ssm_n = L->H * L->P * L->N;
         memcpy(L->conv_state, trails[i], conv_n * sizeof(float));
-        memcpy(L->ssm, trails[i] + conv_n, ssm_n * sizeof(float));
         const float *in = trails[i] + conv_n + ssm_n;
-        /* the output (scratch) is not needed, only the states */
+        /* the states only: from the trail's, no outputs (scratch takes those the row-by-row loop writes) */
         mamba2_seq_taps(in, L->n_in, L->conv_state, L->conv_wT, L->conv_b, L->dt_bias, L->A_log, L->D, L->ssm,
                         L->gnorm_w, scratch, scratch + keep * L->n_mix, keep, L->n_mix, L->H, L->P, L->G, L->N, L->K,
-                        L->gnorm_groups, L->gnorm_eps, nt);
+                        L->gnorm_groups, L->gnorm_eps, nt, trails[i] + conv_n, NULL, 0);
     }
     free(scratch);
     return 1;
