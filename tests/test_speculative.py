@@ -87,7 +87,14 @@ def test_both_ways_of_taking_tokens_back_are_exercised(rewinds):
 
 
 @pytest.mark.parametrize(
-    "overrides, served", [(dict(layer_pattern="MAMA"), True), (dict(mixer="mamba1"), False)]
+    "overrides, served",
+    [
+        (dict(layer_pattern="MAMA"), True),  # d_state 16: the replay's unrolled recurrence
+        (dict(layer_pattern="MAMA", d_state=64), True),  # the presets' d_state, unrolled too
+        (dict(layer_pattern="MAMA", d_model=48, head_dim=6), True),  # head size 6: row by row
+        (dict(mixer="mamba1"), False),
+    ],
+    ids=["c-step", "c-step-d_state-64", "c-step-row-by-row", "module-path"],
 )
 def test_a_rewound_cache_continues_like_the_full_forward(overrides, served):
     model = tiny(3, **overrides)
@@ -237,6 +244,25 @@ def test_load_engine_reads_the_model_directorys_corpus_table(tmp_path):
     assert load_engine(str(tmp_path)).ngrams is None
     CorpusNgrams.count([[5, 6, 7] * 20], len(tokenizer)).save(tmp_path / NGRAMS_NAME)
     assert load_engine(str(tmp_path)).ngrams.draft([5], 2) == [6, 7]
-    CorpusNgrams.count([[5, 6]], 999).save(tmp_path / NGRAMS_NAME)
-    with pytest.raises(CheckpointError, match=NGRAMS_NAME):
-        load_engine(str(tmp_path))
+    CorpusNgrams.count([[5, 6]], 999).save(tmp_path / NGRAMS_NAME)  # another tokenizer's
+    engine = load_engine(str(tmp_path))  # read when lookup needs it: plain generation is unaffected
+    greedy = GenerationConfig(max_new_tokens=3, temperature=0)
+    assert len(engine.generate([[5, 6]], greedy)[0].tokens) == 3
+    with pytest.raises(CheckpointError, match=f"{NGRAMS_NAME}: counted for a 999-token vocabulary"):
+        engine.generate([[5, 6]], replace(greedy, prompt_lookup=4))
+    with pytest.raises(GenerationError, match="ngrams: counted for a 999-token vocabulary"):
+        Engine(engine.model, ngrams=CorpusNgrams.count([[5, 6]], 999))
+
+
+def test_bad_corpus_tables_and_ids_are_one_line_errors(tmp_path):
+    with pytest.raises(ValueError, match="token id 40 outside the vocabulary"):
+        CorpusNgrams.count([[1, 40]] * 3, vocab_size=32)
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(CheckpointError, match="taken: cannot write the n-gram table"):
+        CorpusNgrams.count([[1, 2]], 32).save(tmp_path / "taken")
+    from safetensors.torch import save_file
+
+    floats = {f"{kind}{n}": torch.zeros(1) for kind in ("context", "next") for n in (1, 2)}
+    save_file(floats, tmp_path / "floats.safetensors", metadata={"vocab_size": "32"})
+    with pytest.raises(CheckpointError, match="expected 1-d int64 context1 and next1"):
+        CorpusNgrams.load(tmp_path / "floats.safetensors", vocab_size=32)

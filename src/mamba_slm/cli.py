@@ -11,7 +11,7 @@ import json
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -135,14 +135,17 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(
         f"done at step {result['step']}" + (f"; best validation loss {best:.4f}" if best is not None else "")
     )
-    write_ngrams(train_blocks, model.config.vocab_size, Path(args.output_dir))
+    if trainer.accelerator.is_main_process:  # beside the final model and the best one, as they are saved
+        out = Path(args.output_dir)
+        write_ngrams(train_blocks, model.config.vocab_size, [d for d in (out, out / "best") if d.is_dir()])
 
 
-def write_ngrams(blocks, vocab_size: int, model_dir: Path) -> None:
+def write_ngrams(blocks: Iterable[Sequence[int]], vocab_size: int, model_dirs: list[Path]) -> None:
     """The corpus table that prompt lookup drafts from where the text has no match (speculative.py)."""
     table = CorpusNgrams.count(blocks, vocab_size)
-    table.save(model_dir / NGRAMS_NAME)
-    print(f"prompt-lookup n-gram table: {len(table):,} contexts in {model_dir / NGRAMS_NAME}")
+    for model_dir in model_dirs:
+        table.save(model_dir / NGRAMS_NAME)
+        print(f"prompt-lookup n-gram table: {len(table):,} contexts in {model_dir / NGRAMS_NAME}")
 
 
 def cmd_ngrams(args: argparse.Namespace) -> None:
@@ -158,7 +161,7 @@ def cmd_ngrams(args: argparse.Namespace) -> None:
     blocks = tokenize_and_pack(load_corpus(data_spec(args))["train"], tokenizer, 1024, args.num_proc)[
         "input_ids"
     ]
-    write_ngrams(blocks, config.vocab_size, Path(args.model))
+    write_ngrams(blocks, config.vocab_size, [Path(args.model)])
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:

@@ -251,12 +251,14 @@ class Engine:
         tokenizer=None,
         compile: bool = False,
         kv_cache_dtype: torch.dtype | None = None,
-        ngrams: CorpusNgrams | None = None,
+        ngrams: CorpusNgrams | Path | None = None,
     ) -> None:
         """kv_cache_dtype: the attention layers' cached keys and values (default: the model's dtype);
         bf16 halves what a long context stores and reads per step, at bf16 precision (on a CPU the
         one-call decode step reads fp32 and bf16 caches; other dtypes take the module path).
-        ngrams: a corpus's n-gram table, which prompt lookup drafts from where the text has no match."""
+        ngrams: a corpus's n-gram table, which prompt lookup drafts from where the text has no match,
+        or its file, read the first time prompt lookup needs it (so that a stale one never stops
+        generation without lookup)."""
         if kv_cache_dtype is not None and not (
             isinstance(kv_cache_dtype, torch.dtype) and kv_cache_dtype.is_floating_point
         ):
@@ -272,6 +274,21 @@ class Engine:
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = pad if pad is not None else (model.config.pad_token_id or 0)
         self.device = next(model.parameters()).device
+
+    @property
+    def ngrams(self) -> CorpusNgrams | None:
+        if isinstance(self._ngrams, Path):
+            self._ngrams = CorpusNgrams.load(self._ngrams, self.model.config.vocab_size)
+        return self._ngrams
+
+    @ngrams.setter
+    def ngrams(self, table: CorpusNgrams | Path | None) -> None:
+        vocab = self.model.config.vocab_size
+        if isinstance(table, CorpusNgrams) and table.vocab_size != vocab:
+            raise GenerationError(
+                f"ngrams: counted for a {table.vocab_size}-token vocabulary, the model has {vocab}"
+            )
+        self._ngrams = table
 
     def default_config(self, **overrides) -> GenerationConfig:
         """A config whose stop tokens are the model's EOS (and the chat end-of-turn token, if any)."""
@@ -601,7 +618,7 @@ def load_engine(
     the bytes a decode step reads. On a CPU a bf16 model's decode step reads its bf16 weights and
     sums in fp32 (`fused_step`); float16 takes the (slower) module path there. The directory's (else
     the tokenizer's directory's) `lookup_ngrams.safetensors`, if any, is what prompt lookup drafts
-    from where the text has no match."""
+    from where the text has no match (read when lookup first needs it)."""
     for flag, value, choices in (("--kv-cache-dtype", kv_cache_dtype, KV_CACHE_DTYPES),
                                  ("--dtype", dtype, MODEL_DTYPES)):  # fmt: skip
         if value and value not in choices:
@@ -635,5 +652,4 @@ def load_engine(
     kv = KV_CACHE_DTYPES[kv_cache_dtype] if kv_cache_dtype else None
     tables = [d / NGRAMS_NAME for d in dict.fromkeys((Path(path), tokenizer_dir))]
     table = next((t for t in tables if t.exists()), None)
-    ngrams = CorpusNgrams.load(table, model.config.vocab_size) if table else None
-    return Engine(model, load_tokenizer(tokenizer_dir), compile=compile, kv_cache_dtype=kv, ngrams=ngrams)
+    return Engine(model, load_tokenizer(tokenizer_dir), compile=compile, kv_cache_dtype=kv, ngrams=table)

@@ -16,7 +16,7 @@ their recurrent state cannot be cropped. Keeping what a rewind needs is what mak
 
 Where the context has no earlier match, the draft can come from a corpus instead: `CorpusNgrams`
 holds, for each one- and two-token context of a training corpus, the token that most often came
-next, and a draft follows that chain for a few tokens (retrieval drafting, as in REST and llama.cpp's
+next (where it did at least CORPUS_MIN_COUNT times), and a draft follows that chain for a few tokens (retrieval drafting, as in REST and llama.cpp's
 static n-gram cache). `mamba-slm train` counts it from its training blocks into the model directory
 (`lookup_ngrams.safetensors`), `mamba-slm ngrams` from any corpus. A small model's greedy text keeps
 to its corpus's common phrases: on the built-in corpus about 40% of passes found no earlier match,
@@ -48,7 +48,7 @@ MAX_NGRAM = 3  # the longest context suffix matched; 3, 2, 1 are tried in turn
 FIRST_DRAFT = 4  # the draft length to start from, and the shortest one after a miss
 NGRAMS_NAME = "lookup_ngrams.safetensors"  # a model directory's corpus table
 CORPUS_ORDER = 2  # contexts of up to 2 tokens: longer ones fit the corpus, not a small model's text
-CORPUS_MIN_COUNT = 10  # a context seen fewer times is not trusted to predict the next token
+CORPUS_MIN_COUNT = 10  # a continuation seen fewer times is not trusted to predict the next token
 CORPUS_DRAFT = 4  # tokens a corpus draft chains; each is likelier wrong than the one before
 
 
@@ -83,8 +83,8 @@ class NgramIndex:
 
 
 class CorpusNgrams:
-    """For each context of 1..CORPUS_ORDER tokens seen at least `min_count` times in a corpus, the
-    token that most often followed it; `draft` chains them, the longest known context first."""
+    """For each context of 1..CORPUS_ORDER tokens in a corpus, the token that most often followed
+    it, if it did at least `min_count` times; `draft` chains them, the longest known context first."""
 
     def __init__(self, vocab_size: int, next_token: list[dict[int, int]]) -> None:
         self.vocab_size = vocab_size
@@ -94,12 +94,15 @@ class CorpusNgrams:
     def count(
         cls, documents: Iterable[Sequence[int]], vocab_size: int, min_count: int = CORPUS_MIN_COUNT
     ) -> CorpusNgrams:
-        """Counted with numpy over every document (token id lists; contexts do not span documents)."""
+        """Counted with numpy over every token id list (a context never spans two lists; `train`
+        passes its packed blocks, in which EOS, a token like any other, separates documents)."""
         if vocab_size ** (CORPUS_ORDER + 1) >= 2**63:
             raise ValueError(f"vocab_size {vocab_size}: too large for int64 n-gram keys")
         pairs: list[list[np.ndarray]] = [[] for _ in range(CORPUS_ORDER)]
         for doc in documents:
             ids = np.asarray(doc, dtype=np.int64)
+            if len(ids) and (ids.min() < 0 or ids.max() >= vocab_size):
+                raise ValueError(f"token id {int(ids.max())} outside the vocabulary (size {vocab_size})")
             for n in range(1, CORPUS_ORDER + 1):
                 if len(ids) > n:  # (context, next) as one number: context * vocab + next
                     key = np.zeros(len(ids) - n, dtype=np.int64)
@@ -109,6 +112,8 @@ class CorpusNgrams:
         return cls(vocab_size, [_most_frequent(p, vocab_size, min_count) for p in pairs])
 
     def draft(self, tokens: Sequence[int], k: int) -> list[int]:
+        """Up to k tokens after `tokens`: each the most frequent follower of the longest known
+        context ending there, until none is known."""
         out: list[int] = []
         context = list(tokens[-CORPUS_ORDER:])
         while len(out) < k:
@@ -129,12 +134,16 @@ class CorpusNgrams:
         return sum(len(t) for t in self.next_token)
 
     def save(self, path: str | Path) -> None:
+        """As safetensors, written atomically (CheckpointError if the file cannot be written)."""
         tensors = {}
         for n, table in enumerate(self.next_token, 1):
             tensors[f"context{n}"] = torch.tensor(list(table), dtype=torch.int64)
             tensors[f"next{n}"] = torch.tensor(list(table.values()), dtype=torch.int64)
         meta = {"vocab_size": str(self.vocab_size)}
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        try:
+            atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot write the n-gram table ({e.strerror or e})") from None
 
     @classmethod
     def load(cls, path: str | Path, vocab_size: int) -> CorpusNgrams:
@@ -153,8 +162,15 @@ class CorpusNgrams:
         next_token = []
         for n in range(1, CORPUS_ORDER + 1):
             keys, values = tensors.get(f"context{n}"), tensors.get(f"next{n}")
-            if keys is None or values is None or keys.shape != values.shape or keys.dim() != 1:
-                raise CheckpointError(f"{path}: expected 1-d context{n} and next{n} of one length")
+            if (
+                keys is None
+                or values is None
+                or keys.shape != values.shape
+                or keys.dim() != 1
+                or keys.dtype != torch.int64
+                or values.dtype != torch.int64
+            ):
+                raise CheckpointError(f"{path}: expected 1-d int64 context{n} and next{n} of one length")
             if len(values) and (int(values.min()) < 0 or int(values.max()) >= vocab_size):
                 raise CheckpointError(f"{path}: next{n} holds a token outside the vocabulary")
             next_token.append(dict(zip(keys.tolist(), values.tolist(), strict=True)))

@@ -730,10 +730,11 @@ static void mamba2_seq_taps(const float *zxbcdt, long zx_ld, float *conv_state, 
                         ssd_row(st + p * N, decay[t], x[p] * dt[t], act + b_off, act + c_off, N) + D[h] * x[p];
             }
         }
-        if (outputs)
+        if (outputs) {
 #pragma omp for schedule(static)
             for (long t = 0; t < R; t++)
                 gated_norm_row(out + t * d_inner, zxbcdt + t * zx_ld, norm_w, d_inner, gs, eps);
+        }
     }
     /* the window now ends with the last K - 1 positions of (old window, tokens) */
     long kept = K - 1 > R ? K - 1 - R : 0; /* old window rows that stay, moved to the front */
@@ -924,7 +925,8 @@ ATTEND_SEQ_HEAD(attend_seq_head_f32, float, LOAD_F32)
 ATTEND_SEQ_HEAD(attend_seq_head_bf16, uint16_t, LOAD_BF16)
 
 /* attend_rows for R consecutive tokens of one sequence (k_hs, v_hs: a kv head's stride;
- * valid: one row or NULL), a head per thread at a time. Returns 0 (nothing written) when scratch
+ * valid: one row or NULL), a head per thread at a time: H work items (measured on 2 cores; with
+ * more threads than heads, some would idle). Returns 0 (nothing written) when scratch
  * cannot be allocated. */
 static int attend_seq(const float *q, long q_ld, long q_hs, const void *k, long k_hs, long k_ts, const void *v,
                       long v_hs, long v_ts, int kv_type, const unsigned char *valid, float *out, long R, long H,
@@ -1097,14 +1099,14 @@ int hybrid_step(const StepLayer *layers, long n_layers, float *x, long R, long D
                 }
             long kv_bs = L->kv_heads * cap * hd;
             float scale = 1.0f / sqrtf((float)hd);
-            if (seq && R >= 4 &&
-                attend_seq(q, q_w, hd, L->k_cache, cap * hd, hd, L->v_cache, cap * hd, hd, L->kv_type, valid, y, R,
-                           L->heads, L->kv_heads, slot + 1, hd, scale, nt))
-                ;
-            else if (seq) /* token r: the sequence's keys up to its own slot */
+            /* a pass of 4 tokens or more shares each key among its queries (0: scratch not allocated) */
+            int shared = seq && R >= 4 &&
+                         attend_seq(q, q_w, hd, L->k_cache, cap * hd, hd, L->v_cache, cap * hd, hd, L->kv_type, valid,
+                                    y, R, L->heads, L->kv_heads, slot + 1, hd, scale, nt);
+            if (seq && !shared) /* token r: the sequence's keys up to its own slot */
                 attend_rows(q, q_w, hd, L->k_cache, 0, cap * hd, hd, L->v_cache, 0, cap * hd, hd, L->kv_type, valid,
                             0, y, scores, R, L->heads, L->kv_heads, slot + 1, 1, hd, scale, nt);
-            else
+            else if (!seq)
                 attend_one(q, q_w, hd, L->k_cache, kv_bs, cap * hd, hd, L->v_cache, kv_bs, cap * hd, hd,
                            L->kv_type, valid, valid_ld, y, scores, R, L->heads, L->kv_heads, T, hd, scale,
                            R * L->heads > 1 ? nt : 1);
