@@ -1,10 +1,11 @@
 """Prompt-lookup decoding: greedy tokens several at a time where the text repeats itself.
 
 The draft is what followed an earlier occurrence of the context's last n tokens (n = 3, then 2,
-then 1: the longest match wins; `NgramIndex.draft` says which occurrence), as in llama.cpp's lookup decoding and
-transformers' `prompt_lookup_num_tokens`; it needs no second model. The last token and the draft
-go through the model in one pass. On a CPU that pass is the one-call step over a few tokens of
-one row, which reads each weight once for all of them, so it costs about one decode step. The
+then 1: the longest match wins; `NgramIndex.draft` says which occurrence), as in llama.cpp's
+lookup decoding and transformers' `prompt_lookup_num_tokens`; it needs no second model. The last
+token and the draft go through the model in one pass. On a CPU that pass is the one-call step over
+a few tokens of one row, which reads each weight once for all of them: 1.1-2.7 decode steps for
+2-16 tokens (docs/benchmarks.md). The
 greedy token at each position accepts the draft up to the first mismatch, and the mismatch
 position's own greedy token comes free. The cache then forgets the rejected tokens
 (`HybridCache.rewind`: on the C path the Mamba recurrences run again over the kept tokens from
@@ -16,11 +17,12 @@ their recurrent state cannot be cropped. Keeping what a rewind needs is what mak
 
 Where the context has no earlier match, the draft can come from a corpus instead: `CorpusNgrams`
 holds, for each one- and two-token context of a training corpus, the token that most often came
-next (where it did at least CORPUS_MIN_COUNT times), and a draft follows that chain for a few tokens (retrieval drafting, as in REST and llama.cpp's
-static n-gram cache). `mamba-slm train` counts it from its training blocks into the model directory
-(`lookup_ngrams.safetensors`), `mamba-slm ngrams` from any corpus. A small model's greedy text keeps
-to its corpus's common phrases: on the built-in corpus about 40% of passes found no earlier match,
-and the table turned them from one token each into ~2.
+next (where it did at least CORPUS_MIN_COUNT times), and a draft follows that chain for a few
+tokens (retrieval drafting, as in REST and llama.cpp's static n-gram cache). `mamba-slm train`
+counts it from its training blocks into the model directory (`lookup_ngrams.safetensors`),
+`mamba-slm ngrams` from any corpus. A small model's greedy text keeps to its corpus's common
+phrases: on the built-in corpus about 40% of passes found no earlier match, and the table turned
+them from one token each into ~2.
 
 The tokens are greedy's. A pass over several tokens sums in another order than a one-token step,
 so where two tokens are within float rounding of each other the pick can differ, as between
@@ -101,8 +103,9 @@ class CorpusNgrams:
         pairs: list[list[np.ndarray]] = [[] for _ in range(CORPUS_ORDER)]
         for doc in documents:
             ids = np.asarray(doc, dtype=np.int64)
-            if len(ids) and (ids.min() < 0 or ids.max() >= vocab_size):
-                raise ValueError(f"token id {int(ids.max())} outside the vocabulary (size {vocab_size})")
+            bad = ids[(ids < 0) | (ids >= vocab_size)]
+            if len(bad):
+                raise ValueError(f"token id {int(bad[0])} outside the vocabulary (size {vocab_size})")
             for n in range(1, CORPUS_ORDER + 1):
                 if len(ids) > n:  # (context, next) as one number: context * vocab + next
                     key = np.zeros(len(ids) - n, dtype=np.int64)
