@@ -13,7 +13,11 @@ and, for our engine, per-token latency at context positions 128 / 1k / 4k (also 
 cache), decode throughput at batch 1 / 4 / 16, and the memory-bandwidth bound of batch-1 decode
 (weight bytes read per token over this machine's measured read bandwidth). The same weights
 rounded to bf16 (`--dtype bfloat16`: the C step reads them as stored, sums in fp32) get a row of
-their own, with their own bound. Rounds are interleaved and the best round kept.
+their own, with their own bound. Rounds are interleaved and the best round kept. The decode-only
+figures run side by side in timed blocks taken in turn (`mamba_slm.bench.interleaved_step_seconds`):
+latencies and throughputs are the fastest block's, and the 4k-vs-128 and batch-16-vs-1 ratios
+the median of the block-by-block ratios, so that both sides of a ratio come from the same moment
+of this VM, whose speed drifts from minute to minute.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from mamba_slm.bench import decode_seconds_per_step, random_prompt  # noqa: E402
+from mamba_slm.bench import interleaved_step_seconds, paired_ratio, random_prompt  # noqa: E402
 from mamba_slm.generation import Engine, GenerationConfig  # noqa: E402
 from mamba_slm.hf import MambaSLMForCausalLM  # noqa: E402
 from mamba_slm.runtime import tune_cpu_allocator  # noqa: E402
@@ -67,6 +71,10 @@ def kv_bytes_per_token(model, context: int) -> int:
     return c.layer_pattern.count("A") * 2 * c.n_kv_heads * c.attn_head_dim * context * 4
 
 
+def _ratio(r: dict) -> str:
+    return f"**{r['median']:.2f}x** ({r['q1']:.2f}-{r['q3']:.2f})"
+
+
 def greedy_tok_s(generate_fn, prompts: list[list[int]], new_tokens: int) -> float:
     """Average tokens/s over the prompts (each call: prefill + new_tokens greedy steps)."""
     return sum(new_tokens / _timed(lambda p=p: generate_fn(p)) for p in prompts) / len(prompts)
@@ -80,6 +88,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the generate calls")
     parser.add_argument("--decode-rounds", type=int, default=5, help="rounds of the decode-only figures")
+    parser.add_argument("--blocks", type=int, default=8, help="timed blocks of 8 steps per decode round")
     args = parser.parse_args()
     tune_cpu_allocator()
     torch.manual_seed(0)
@@ -121,19 +130,21 @@ def main() -> None:
             speeds[name] = max(speeds.get(name, 0.0), greedy_tok_s(run, prompts, n))
         print({k: round(v, 1) for k, v in speeds.items()}, flush=True)
 
-    # Decode-only figures: the best of interleaved rounds too (this machine's speed drifts by
-    # +-10% between minutes, which would otherwise show up as noise between positions).
-    def decode_figures(eng: Engine, positions: tuple[int, ...], batches: tuple[int, ...]) -> dict:
-        figures = {
-            ("latency", pos): decode_seconds_per_step(eng, random_prompt(eng, pos), 32, 2)
-            for pos in positions
-        }
-        for b in batches:
-            figures[("batch", b)] = decode_seconds_per_step(eng, random_prompt(eng, 32, b), 32, 2) / b
-        return figures
+    # Decode-only figures: per engine, the positions (and the batch sizes) decode side by side,
+    # timed block by block in turn; every round adds its blocks to the engine's lists.
+    def decode_blocks(eng: Engine, positions: tuple[int, ...], batches: tuple[int, ...]) -> dict:
+        sets = {("latency", pos): random_prompt(eng, pos) for pos in positions}
+        blocks = dict(
+            zip(sets, interleaved_step_seconds(eng, list(sets.values()), args.blocks, 8), strict=True)
+        )
+        if batches:
+            sets = {("batch", b): random_prompt(eng, 32, b) for b in batches}
+            runs = interleaved_step_seconds(eng, list(sets.values()), args.blocks, 8)
+            blocks |= dict(zip(sets, runs, strict=True))
+        return blocks
 
     bf16_kv = Engine(ours, kv_cache_dtype=torch.bfloat16)  # the same model, keys and values in bf16
-    best: dict[str, dict] = {"eager": {}, "compiled": {}, "bf16_kv": {}, "bf16": {}}
+    seconds: dict[str, dict] = {"eager": {}, "compiled": {}, "bf16_kv": {}, "bf16": {}}
     bandwidth = 0.0  # the best of the rounds too, like the step times it is compared with
     for _ in range(args.decode_rounds):
         bandwidth = max(bandwidth, read_bandwidth_gbs())
@@ -143,15 +154,24 @@ def main() -> None:
             ("bf16_kv", bf16_kv, (128, 4096), ()),
             ("bf16", bf16, (128, 4096), (1, 16)),
         ):
-            for key, sec in decode_figures(eng, positions, batches).items():
-                best[label][key] = min(best[label].get(key, float("inf")), sec)
-    latency = {pos: best["eager"][("latency", pos)] for pos in (128, 1024, 4096)}
-    batch = {b: 1 / best["eager"][("batch", b)] for b in (1, 4, 16)}
-    compiled_latency = {pos: best["compiled"][("latency", pos)] for pos in (128, 4096)}
-    compiled_batch = {b: 1 / best["compiled"][("batch", b)] for b in (1, 16)}
-    bf16_latency = {pos: best["bf16_kv"][("latency", pos)] for pos in (128, 4096)}
-    half_latency = {pos: best["bf16"][("latency", pos)] for pos in (128, 4096)}
-    half_batch = {b: 1 / best["bf16"][("batch", b)] for b in (1, 16)}
+            for key, blocks in decode_blocks(eng, positions, batches).items():
+                seconds[label].setdefault(key, []).extend(blocks)
+
+    def figures(label: str, positions: tuple[int, ...], batches: tuple[int, ...]) -> tuple[dict, dict, dict]:
+        """Fastest-block latency per position, tokens/s per batch size, and the paired ratios."""
+        blocks = seconds[label]
+        latency = {pos: min(blocks[("latency", pos)]) for pos in positions}
+        batch = {b: b / min(blocks[("batch", b)]) for b in batches}
+        ratios = {"4k": paired_ratio(blocks[("latency", 4096)], blocks[("latency", 128)])}
+        if batches:  # tokens/s of batch 16 over batch 1's
+            ratios["batch"] = paired_ratio([16 * t for t in blocks[("batch", 1)]], blocks[("batch", 16)])
+        return latency, batch, ratios
+
+    latency, batch, ratio = figures("eager", (128, 1024, 4096), (1, 4, 16))
+    compiled_latency, compiled_batch, compiled_ratio = figures("compiled", (128, 4096), (1, 16))
+    bf16_latency, _, bf16_ratio = figures("bf16_kv", (128, 4096), ())
+    half_latency, half_batch, half_ratio = figures("bf16", (128, 4096), (1, 16))
+    pairs = ratio["4k"]["blocks"]
     half_bytes = weight_bytes_per_token(bf16.model)
     half_bound = bandwidth * 1e9 / half_bytes
     wbytes = weight_bytes_per_token(ours)
@@ -175,20 +195,24 @@ def main() -> None:
         f"| HF Llama `generate` (same size) | {speeds['llama']:.1f} | {speeds['ours'] / speeds['llama']:.2f}x |",
         f"| HF Mamba2 `generate` (same size) | {speeds['mamba2']:.1f} | {speeds['ours'] / speeds['mamba2']:.2f}x |",
         "",
-        f"Our engine, decode only (prefill excluded), best of {args.decode_rounds} rounds:",
+        f"Our engine, decode only (prefill excluded): {args.decode_rounds} rounds of {args.blocks} timed blocks of "
+        f"8 steps, the contexts (and the batch sizes) decoding side by side, their blocks taken in turn. "
+        f"Latency and tokens/s: the fastest block. Ratios: the median of the {pairs} block-by-block ratios "
+        f"(quartiles in brackets); the ratio of the fastest blocks, which may come from different minutes, after it.",
         "",
         "| per-token latency at context 128 / 1k / 4k | 4k vs 128 | batch 1 / 4 / 16 tokens/s | batch 16 vs 1 |",
         "|---|---|---|---|",
-        f"| {' / '.join(f'{1000 * latency[p]:.2f} ms' for p in latency)} | {latency[4096] / latency[128]:.2f}x | "
-        f"{' / '.join(f'{batch[b]:.0f}' for b in batch)} | {batch[16] / batch[1]:.2f}x |",
+        f"| {' / '.join(f'{1000 * latency[p]:.2f} ms' for p in latency)} | {_ratio(ratio['4k'])}; "
+        f"{latency[4096] / latency[128]:.2f}x | {' / '.join(f'{batch[b]:.0f}' for b in batch)} | "
+        f"{_ratio(ratio['batch'])}; {batch[16] / batch[1]:.2f}x |",
         f"| compiled: {1000 * compiled_latency[128]:.2f} ms / - / {1000 * compiled_latency[4096]:.2f} ms | "
-        f"{compiled_latency[4096] / compiled_latency[128]:.2f}x | {compiled_batch[1]:.0f} / - / {compiled_batch[16]:.0f} | "
-        f"{compiled_batch[16] / compiled_batch[1]:.2f}x |",
+        f"{_ratio(compiled_ratio['4k'])} | {compiled_batch[1]:.0f} / - / {compiled_batch[16]:.0f} | "
+        f"{_ratio(compiled_ratio['batch'])} |",
         f"| bf16 KV cache (`--kv-cache-dtype bfloat16`): {1000 * bf16_latency[128]:.2f} ms / - / "
-        f"{1000 * bf16_latency[4096]:.2f} ms | {bf16_latency[4096] / bf16_latency[128]:.2f}x | - | - |",
+        f"{1000 * bf16_latency[4096]:.2f} ms | {_ratio(bf16_ratio['4k'])} | - | - |",
         f"| bf16 weights (`--dtype bfloat16`, bf16 KV cache): {1000 * half_latency[128]:.2f} ms / - / "
-        f"{1000 * half_latency[4096]:.2f} ms | {half_latency[4096] / half_latency[128]:.2f}x | "
-        f"{half_batch[1]:.0f} / - / {half_batch[16]:.0f} | {half_batch[16] / half_batch[1]:.2f}x |",
+        f"{1000 * half_latency[4096]:.2f} ms | {_ratio(half_ratio['4k'])} | "
+        f"{half_batch[1]:.0f} / - / {half_batch[16]:.0f} | {_ratio(half_ratio['batch'])} |",
         "",
         f"Memory-bandwidth bound of batch-1 decode: {wbytes / 1e6:.1f} MB of weights read per token / "
         f"{bandwidth:.1f} GB/s measured read bandwidth = {bound:.0f} tokens/s ({1000 / bound:.2f} ms/token); "

@@ -3,7 +3,9 @@
     python benchmarks/lookup_speed.py [--write docs/benchmarks.md] [--trained DIR ...]
 
 Batch 1 greedy, 128 new tokens after each of the seed's five prompts; tokens/s of whole generate
-calls (prefill included), best of interleaved rounds. Models:
+calls (prefill included), best of interleaved rounds (the generators in turn, forward then
+backward), and each ratio to `generate` also as the median of the rounds' own ratios, both sides
+timed within seconds of each other on this drifting VM. Models:
   * the ~30M benchmark model of generation_speed.py with random weights: no text of its own that
     it repeats, so drafts almost never match;
   * the same configuration trained on the built-in corpus (`runs/bench-30m`, trained on first use:
@@ -33,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from mamba_slm.bench import SEED_PROMPTS, random_prompt  # noqa: E402
+from mamba_slm.bench import SEED_PROMPTS, paired_ratio, random_prompt  # noqa: E402
 from mamba_slm.generation import Engine, GenerationConfig, load_engine  # noqa: E402
 from mamba_slm.hf import MambaSLMForCausalLM  # noqa: E402
 from mamba_slm.runtime import tune_cpu_allocator  # noqa: E402
@@ -62,8 +64,9 @@ def train_bench_model(out: Path) -> None:
                     "--eval-steps", "1000", "--save-steps", "1000"], check=True)  # fmt: skip
 
 
-def measure(engine: Engine, prompts: list[list[int]], rounds: int) -> dict[str, float]:
-    """Best tokens/s of each generator over interleaved rounds, and each lookup's tokens per pass."""
+def measure(engine: Engine, prompts: list[list[int]], rounds: int) -> dict:
+    """Best tokens/s of each generator over interleaved rounds, each one's paired ratios to
+    `generate` (`{name}_vs_hf`), and each lookup's tokens per pass."""
     plain, lookup = (
         GenerationConfig(max_new_tokens=NEW_TOKENS, temperature=0, prompt_lookup=k) for k in (0, LOOKUP)
     )
@@ -96,28 +99,33 @@ def measure(engine: Engine, prompts: list[list[int]], rounds: int) -> dict[str, 
             assert runners[name](p)[0].tokens == want, "prompt lookup changed the greedy tokens"
             decode_passes[name] += len(passes) - 1
     hook.remove()
-    best: dict[str, float] = {}
-    for _ in range(rounds):
-        for name, run in runners.items():
+    speeds: dict[str, list[float]] = {name: [] for name in runners}  # tokens/s, round by round
+    for i in range(rounds):
+        for name in list(runners) if i % 2 == 0 else list(runners)[::-1]:
             seconds = 0.0
             for p in prompts:
                 start = time.perf_counter()
-                run(p)
+                runners[name](p)
                 seconds += time.perf_counter() - start
-            best[name] = max(best.get(name, 0.0), len(prompts) * NEW_TOKENS / seconds)
+            speeds[name].append(len(prompts) * NEW_TOKENS / seconds)
     engine.ngrams = table
+    best: dict = {name: max(s) for name, s in speeds.items()}
+    for name in decode_passes:
+        best[f"{name}_vs_hf"] = paired_ratio(speeds[name], speeds["hf"])
     for name, n in decode_passes.items():
         best[f"{name}_tokens_per_pass"] = len(prompts) * NEW_TOKENS / n
     return best
 
 
-def row(label: str, r: dict[str, float]) -> str:
+def row(label: str, r: dict) -> str:
     def drafted(name: str) -> str:
         if name not in r:
             return "— | —"
         pass_cost = r["plain"] * r[f"{name}_tokens_per_pass"] / r[name]
+        paired = r[f"{name}_vs_hf"]
         return (f"{r[name]:.0f} ({r[f'{name}_tokens_per_pass']:.2f} tokens per pass, a pass {pass_cost:.2f} plain "
-                f"steps) | **{r[name] / r['hf']:.2f}x**")  # fmt: skip
+                f"steps) | **{paired['median']:.2f}x** ({paired['q1']:.2f}-{paired['q3']:.2f}); "
+                f"{r[name] / r['hf']:.2f}x")  # fmt: skip
 
     return f"| {label} | {r['plain']:.0f} | {r['hf']:.0f} | {drafted('lookup')} | {drafted('corpus')} |"
 
@@ -155,8 +163,8 @@ def main() -> None:
         f"`{BENCH_MODEL}/model` is the ~30M benchmark configuration trained on the built-in corpus by this script.",
         "",
         "| model | Engine tok/s | ours through transformers `generate` tok/s | Engine + prompt lookup, context "
-        "drafts only, tok/s | vs `generate` | + corpus drafts where the context has no match, tok/s "
-        "| vs `generate` |",
+        "drafts only, tok/s | vs `generate`: median of the rounds' ratios (quartiles); ratio of the best rounds "
+        "| + corpus drafts where the context has no match, tok/s | vs `generate`, the same |",
         "|---|---|---|---|---|---|---|",
         *lines,
         "",

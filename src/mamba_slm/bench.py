@@ -6,15 +6,22 @@
   * per-token decode latency at context positions (128, 1k, 4k by default): flat for the Mamba
     layers, growing only with the attention layers' KV reads;
   * decode throughput at batch 1/4/16 (new tokens per second of decode, prefill excluded);
+  * how the latency grows with the context, and the throughput with the batch, as ratios to the
+    first position / batch size, measured paired (below);
   * peak memory (process max RSS on CPU, max allocated on CUDA);
   * with `compare_hf`, transformers' `generate` on the same weights (through `hf.py`), same
     prompts, and the ratio.
 Timings take the best of a few repeats: on a shared CPU the minimum is the stable statistic.
+Ratios are not taken between two minima, which may come from different minutes of a machine
+whose speed drifts (this 2-core VM's memory bandwidth swings 37-79 GB/s from minute to minute):
+the decodes being compared run side by side, their timed blocks of steps taken in turn, and the
+ratio is the median of the block-by-block ratios (`interleaved_step_seconds`, `paired_ratio`).
 """
 
 from __future__ import annotations
 
 import resource
+import statistics
 import time
 from dataclasses import asdict, dataclass
 
@@ -36,7 +43,8 @@ class BenchArgs:
     max_new_tokens: int = 100
     positions: tuple[int, ...] = (128, 1024, 4096)
     batch_sizes: tuple[int, ...] = (1, 4, 16)
-    decode_steps: int = 32  # steps timed per latency / throughput measurement
+    decode_blocks: int = 16  # timed blocks per latency / throughput measurement, taken in turn
+    block_steps: int = 8  # decode steps per timed block
     prefill_tokens: int = 512
     repeats: int = 2
     compare_hf: bool = False
@@ -88,22 +96,65 @@ def seed_benchmark(engine: Engine, args: BenchArgs) -> dict:
     return {"runs": runs, "average_tokens_per_s": sum(speeds) / len(speeds), "peak_tokens_per_s": max(speeds)}
 
 
-def decode_seconds_per_step(engine: Engine, prompts: list[list[int]], steps: int, repeats: int) -> float:
-    """Seconds per decode step after prefilling `prompts` (the engine's own step loop, prefill excluded)."""
-
-    def run() -> float:
-        it = engine._steps(prompts, greedy(steps + 1))
-        next(it)  # prefill + first token
-        _sync(engine.device)
-        start = time.perf_counter()
-        for _ in it:
-            pass
-        _sync(engine.device)
-        return (time.perf_counter() - start) / steps
-
+def interleaved_step_seconds(
+    engine: Engine, prompt_sets: list[list[list[int]]], blocks: int, steps: int
+) -> list[list[float]]:
+    """Seconds per decode step, per prompt set and block: every set is prefilled and decodes
+    greedily, one block of `steps` steps at a time, the sets taken in turn (forward, then backward,
+    so no set always runs first). Block i of every set thus ran within the same fraction of a
+    second, which is what `paired_ratio` compares. Prefill and a first step are not timed."""
     with torch.inference_mode():
-        run()
-        return min(run() for _ in range(repeats))
+        runs = [engine._steps(prompts, greedy(blocks * steps + 2)) for prompts in prompt_sets]
+        try:
+            for run in runs:
+                next(run)  # prefill + first token
+                next(run)  # a first step: lazily built state (the C step's plan) is not timed
+            seconds: list[list[float]] = [[] for _ in prompt_sets]
+            order = list(range(len(runs)))
+            for block in range(blocks):
+                for i in order if block % 2 == 0 else order[::-1]:
+                    _sync(engine.device)
+                    start = time.perf_counter()
+                    for _ in range(steps):
+                        next(runs[i])
+                    _sync(engine.device)
+                    seconds[i].append((time.perf_counter() - start) / steps)
+        finally:
+            for run in runs:
+                run.close()
+    return seconds
+
+
+def paired_ratio(numerator: list[float], denominator: list[float]) -> dict:
+    """The median, and the quartiles, of numerator[i] / denominator[i] over paired blocks."""
+    ratios = sorted(n / d for n, d in zip(numerator, denominator, strict=True))
+    if len(ratios) < 2:
+        return {"median": ratios[0], "q1": ratios[0], "q3": ratios[0], "blocks": len(ratios)}
+    q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return {"median": median, "q1": q1, "q3": q3, "blocks": len(ratios)}
+
+
+def decode_figures(engine: Engine, args: BenchArgs) -> dict:
+    """Per-token latency (ms) per context position, decode tokens/s per batch size (the fastest
+    block of each), and the paired ratios: each position's latency over the first position's, each
+    batch size's throughput over the first batch size's."""
+    positions = interleaved_step_seconds(
+        engine, [random_prompt(engine, pos) for pos in args.positions], args.decode_blocks, args.block_steps
+    )
+    batches = interleaved_step_seconds(
+        engine, [random_prompt(engine, 32, b) for b in args.batch_sizes], args.decode_blocks, args.block_steps
+    )
+    first_b = args.batch_sizes[0]
+    return {
+        "latency_ms": {str(p): 1000 * min(s) for p, s in zip(args.positions, positions, strict=True)},
+        "latency_ratio": {str(p): paired_ratio(s, positions[0]) for p, s in zip(args.positions, positions, strict=True)},
+        "decode_tokens_per_s": {str(b): b / min(s) for b, s in zip(args.batch_sizes, batches, strict=True)},
+        "throughput_ratio": {
+            # tokens/s of batch b over batch first_b's: b / s_b over first_b / s_first
+            str(b): paired_ratio([b * t for t in batches[0]], [first_b * t for t in s])
+            for b, s in zip(args.batch_sizes, batches, strict=True)
+        },
+    }  # fmt: skip
 
 
 def prefill(engine: Engine, args: BenchArgs) -> dict:
@@ -146,20 +197,25 @@ def run_bench(engine: Engine, args: BenchArgs) -> dict:
                     "settings": asdict(args)}  # fmt: skip
     report["seed_benchmark"] = seed_benchmark(engine, args)
     report["prefill"] = prefill(engine, args)
-    report["latency_ms"] = {
-        str(pos): 1000 * decode_seconds_per_step(engine, random_prompt(engine, pos), args.decode_steps, args.repeats)
-        for pos in args.positions
-    }  # fmt: skip
-    report["decode_tokens_per_s"] = {
-        str(b): b / decode_seconds_per_step(engine, random_prompt(engine, 32, b), args.decode_steps, args.repeats)
-        for b in args.batch_sizes
-    }  # fmt: skip
+    report.update(decode_figures(engine, args))
     if args.compare_hf:
         hf = hf_seed_benchmark(engine, args)
         hf["speedup"] = report["seed_benchmark"]["average_tokens_per_s"] / hf["average_tokens_per_s"]
         report["transformers_generate"] = hf
     report["peak_memory_mb"] = peak_memory_mb(engine.device)
     return report
+
+
+def _ratios_text(ratios: dict, unit: str, what: str) -> str:
+    keys = list(ratios)
+    if len(keys) < 2:
+        return ""
+    parts = [
+        f"{unit} {k} {ratios[k]['median']:.2f}x ({ratios[k]['q1']:.2f}-{ratios[k]['q3']:.2f})"
+        for k in keys[1:]
+    ]
+    return (f"\n  {what} vs {unit} {keys[0]}, median of {ratios[keys[0]]['blocks']} paired blocks "
+            f"(quartiles): " + ", ".join(parts))  # fmt: skip
 
 
 def format_report(r: dict) -> str:
@@ -183,9 +239,9 @@ def format_report(r: dict) -> str:
     beyond = [k for k in r["latency_ms"] if int(k) > r["context_length"]]
     if beyond:  # measurable (nothing stops decoding there), but past what the model was trained on
         latency += f" ({', '.join(beyond)}: beyond the model's {r['context_length']}-token context)"
-    lines.append(latency)
-    lines.append("Decode throughput: " + ", ".join(f"batch {k} {v:.0f} tok/s"
-                                                   for k, v in r["decode_tokens_per_s"].items()))  # fmt: skip
+    lines.append(latency + _ratios_text(r["latency_ratio"], "ctx", "latency"))
+    lines.append("Decode throughput: " + ", ".join(f"batch {k} {v:.0f} tok/s" for k, v in r["decode_tokens_per_s"].items())
+                 + _ratios_text(r["throughput_ratio"], "batch", "throughput"))  # fmt: skip
     if "transformers_generate" in r:
         hf = r["transformers_generate"]
         lines.append(f"transformers generate (same weights): {hf['average_tokens_per_s']:.1f} tok/s; "
