@@ -224,54 +224,63 @@ def test_linear_rows_operator_for_compiled_graphs():
     )
 
 
-def test_one_query_attention_matches_sdpa_on_cache_views():
+# 16, 32 and 64: the head sizes whose query and running sum stay in registers; 12: any other
+HEAD_DIMS = pytest.mark.parametrize("d", [16, 32, 64, 12])
+
+
+@HEAD_DIMS
+def test_one_query_attention_matches_sdpa_on_cache_views(d):
     torch.manual_seed(7)
-    cache_k, cache_v = torch.randn(2, 2, 50, 16), torch.randn(2, 2, 50, 16)  # capacity 50, 37 used
+    cache_k, cache_v = torch.randn(2, 2, 50, d), torch.randn(2, 2, 50, d)  # capacity 50, 37 used
     k, v = cache_k[:, :, :37], cache_v[:, :, :37]
-    q = torch.randn(2, 1, 8, 16).transpose(1, 2)  # (b, h, 1, d) as Attention.project returns it
+    q = torch.randn(2, 1, 8, d).transpose(1, 2)  # (b, h, 1, d) as Attention.project returns it
     want = F.scaled_dot_product_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1))
     got = kernels.attend_one(q, k, v)  # 8 query heads over 2 KV heads
-    torch.testing.assert_close(got, want.transpose(1, 2).reshape(2, 1, 128), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, want.transpose(1, 2).reshape(2, 1, 8 * d), atol=1e-5, rtol=1e-5)
 
 
-def test_one_query_attention_over_many_key_blocks_rescales_its_running_softmax():
+@HEAD_DIMS
+def test_one_query_attention_over_many_key_blocks_rescales_its_running_softmax(d):
     torch.manual_seed(10)
     t = 3 * kernels.ATTEND_KEYS + 11  # three full blocks of the online softmax and a partial one
-    cache_k, cache_v = torch.randn(3, 2, t + 5, 16), torch.randn(3, 2, t + 5, 16)
+    cache_k, cache_v = torch.randn(3, 2, t + 5, d), torch.randn(3, 2, t + 5, d)
     cache_k[:, :, : t // 2] *= 0.1  # the largest scores come in later blocks: the running max rises
     k, v = cache_k[:, :, :t], cache_v[:, :, :t]
-    q = torch.randn(3, 1, 4, 16).transpose(1, 2) * 3
+    q = torch.randn(3, 1, 4, d).transpose(1, 2) * 3
     want = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1))
     got = kernels.attend_one(q, k, v)
-    torch.testing.assert_close(got, want.transpose(1, 2).reshape(3, 1, 64), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, want.transpose(1, 2).reshape(3, 1, 4 * d), atol=1e-5, rtol=1e-5)
 
 
-def test_one_query_attention_skips_padding_slots():
+@HEAD_DIMS
+def test_one_query_attention_skips_padding_slots(d):
     torch.manual_seed(11)
     t = kernels.ATTEND_KEYS + 20
-    k, v = torch.randn(2, 2, t, 16), torch.randn(2, 2, t, 16)
+    k, v = torch.randn(2, 2, t, d), torch.randn(2, 2, t, d)
+    v[1, :, 5] = float("nan")  # a padding slot's value may hold anything
     valid = torch.ones(2, t + 3, dtype=torch.bool)  # the cache's slots: capacity t + 3
     valid[0, : kernels.ATTEND_KEYS + 5] = False  # a whole block of padding, and more
     valid[1, 3:9] = False
-    q = torch.randn(2, 1, 4, 16).transpose(1, 2)
+    q = torch.randn(2, 1, 4, d).transpose(1, 2)
     mask = valid[:, None, None, :t]
     want = F.scaled_dot_product_attention(
-        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=mask
+        q, k.repeat_interleave(2, 1), v.nan_to_num().repeat_interleave(2, 1), attn_mask=mask
     )
     got = kernels.attend_one(q, k, v, valid)
-    torch.testing.assert_close(got, want.transpose(1, 2).reshape(2, 1, 64), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, want.transpose(1, 2).reshape(2, 1, 4 * d), atol=1e-5, rtol=1e-5)
 
 
-def test_one_query_attention_reads_a_bf16_cache():
+@HEAD_DIMS
+def test_one_query_attention_reads_a_bf16_cache(d):
     torch.manual_seed(12)
     dtype = torch.bfloat16
     t = kernels.ATTEND_KEYS + 9
-    k, v = torch.randn(2, 2, t, 16).to(dtype), torch.randn(2, 2, t, 16).to(dtype)
-    q = torch.randn(2, 1, 4, 16).transpose(1, 2)
+    k, v = torch.randn(2, 2, t, d).to(dtype), torch.randn(2, 2, t, d).to(dtype)
+    q = torch.randn(2, 1, 4, d).transpose(1, 2)
     wide_k, wide_v = k.float().repeat_interleave(2, 1), v.float().repeat_interleave(2, 1)
     want = F.scaled_dot_product_attention(q, wide_k, wide_v)  # over the stored 16-bit values
     got = kernels.attend_one(q, k, v)
-    torch.testing.assert_close(got, want.transpose(1, 2).reshape(2, 1, 64), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, want.transpose(1, 2).reshape(2, 1, 4 * d), atol=1e-5, rtol=1e-5)
 
 
 def test_fused_mlp_branch_matches_the_modules_and_never_skips_an_adapter(monkeypatch):

@@ -812,6 +812,63 @@ void mamba2_step(const float *zxbcdt, long zx_ld, float *conv_state, const float
 ATTEND_HEAD(attend_head_f32, float, LOAD_F32)
 ATTEND_HEAD(attend_head_bf16, uint16_t, LOAD_BF16)
 
+/* ATTEND_HEAD for a head size of NV * 16, known when compiled: the query and the weighted sum of
+ * the values stay in 2 * NV vector registers for the whole pass. In ATTEND_HEAD (any D) the sum
+ * lives in memory, so each key's update waits on the previous key's store. 8 heads of 64, 2
+ * threads, one layer's 4k keys: 194 -> 69 us from a bf16 cache, the same ~370 from an fp32 one (its
+ * reads set the pace); 16 rows of 53 keys: 40 -> 30 us. The whole step, same-process A/B: 4k -2%,
+ * batch 16 -1.4%. */
+#define ATTEND_HEAD_V(NAME, T, WT, NV)                                                                 \
+    static void NAME(const float *restrict qv, const T *kb, long k_ts, const T *vb, long v_ts,       \
+                     const unsigned char *ok, float *restrict s, float *restrict out, long Tn,       \
+                     float scale) {                                                                  \
+        v16 q[NV], o[NV];                                                                            \
+        _Pragma("GCC unroll 8") for (int j = 0; j < NV; j++) q[j] = load16(qv, F32, 16 * j),         \
+                                                              o[j] = (v16){0};                       \
+        float m = 0.0f, sum = 0.0f; /* no infinity under -ffast-math: m is set by a first key */      \
+        int started = 0;                                                                             \
+        for (long t0 = 0; t0 < Tn; t0 += KEYS) {                                                     \
+            long n = Tn - t0 < KEYS ? Tn - t0 : KEYS;                                                \
+            float bm = MASKED;                                                                       \
+            for (long t = 0; t < n; t++) {                                                           \
+                s[t] = MASKED;                                                                       \
+                if (ok && !ok[t0 + t]) continue;                                                     \
+                const T *kr = kb + (t0 + t) * k_ts;                                                  \
+                v16 a = load16(kr, WT, 0) * q[0];                                                    \
+                _Pragma("GCC unroll 8") for (int j = 1; j < NV; j++) a += load16(kr, WT, 16 * j) * q[j]; \
+                float acc = 0.0f;                                                                    \
+                _Pragma("GCC unroll 16") for (int j = 0; j < 16; j++) acc += a[j];                   \
+                s[t] = acc * scale;                                                                  \
+                bm = fmaxf(bm, s[t]);                                                                \
+            }                                                                                        \
+            if (bm == MASKED) continue; /* every slot of the block is padding */                     \
+            if (!started || bm > m) {                                                                \
+                float c = started ? expf(m - bm) : 1.0f;                                             \
+                _Pragma("GCC unroll 8") for (int j = 0; j < NV; j++) o[j] *= c;                      \
+                sum *= c;                                                                            \
+                m = bm;                                                                              \
+                started = 1;                                                                         \
+            }                                                                                        \
+            for (long t = 0; t < n; t++) { /* branch-free, so that expf is a vector call */         \
+                s[t] = expf(s[t] - m);                                                               \
+                sum += s[t];                                                                         \
+            }                                                                                        \
+            for (long t = 0; t < n; t++) {                                                           \
+                if (ok && !ok[t0 + t]) continue; /* a padding slot's value may hold anything */      \
+                const T *vt = vb + (t0 + t) * v_ts;                                                  \
+                _Pragma("GCC unroll 8") for (int j = 0; j < NV; j++) o[j] += s[t] * load16(vt, WT, 16 * j); \
+            }                                                                                        \
+        }                                                                                            \
+        _Pragma("GCC unroll 8") for (int j = 0; j < NV; j++) o[j] /= sum;                            \
+        memcpy(out, o, sizeof o);                                                                    \
+    }
+ATTEND_HEAD_V(attend_head_f32_64, float, F32, 4)
+ATTEND_HEAD_V(attend_head_bf16_64, uint16_t, BF16, 4)
+ATTEND_HEAD_V(attend_head_f32_32, float, F32, 2)
+ATTEND_HEAD_V(attend_head_bf16_32, uint16_t, BF16, 2)
+ATTEND_HEAD_V(attend_head_f32_16, float, F32, 1)
+ATTEND_HEAD_V(attend_head_bf16_16, uint16_t, BF16, 1)
+
 /* out[b, h] = softmax(scale * K[b, kv] q[b, h]) V[b, kv] over T cached keys, kv = h / (H / Hkv),
  * for every (row, head) in parallel. k and v hold kv_type elements; their strides are in
  * elements (batch, head, token), the last dimension D is contiguous. valid (B x valid_ld bytes,
@@ -832,10 +889,16 @@ static void attend_rows(const float *q, long q_bs, long q_hs, const void *k, lon
         float *s = scratch + bh * KEYS, *o = out + bh * D;
         if (kv_type == BF16) {
             const uint16_t *kh = (const uint16_t *)k + ko, *vh = (const uint16_t *)v + vo;
-            attend_head_bf16(qv, kh, k_ts, vh, v_ts, ok, s, o, Tb, D, scale);
+            if (D == 64) attend_head_bf16_64(qv, kh, k_ts, vh, v_ts, ok, s, o, Tb, scale);
+            else if (D == 32) attend_head_bf16_32(qv, kh, k_ts, vh, v_ts, ok, s, o, Tb, scale);
+            else if (D == 16) attend_head_bf16_16(qv, kh, k_ts, vh, v_ts, ok, s, o, Tb, scale);
+            else attend_head_bf16(qv, kh, k_ts, vh, v_ts, ok, s, o, Tb, D, scale);
         } else {
             const float *kf = (const float *)k + ko, *vf = (const float *)v + vo;
-            attend_head_f32(qv, kf, k_ts, vf, v_ts, ok, s, o, Tb, D, scale);
+            if (D == 64) attend_head_f32_64(qv, kf, k_ts, vf, v_ts, ok, s, o, Tb, scale);
+            else if (D == 32) attend_head_f32_32(qv, kf, k_ts, vf, v_ts, ok, s, o, Tb, scale);
+            else if (D == 16) attend_head_f32_16(qv, kf, k_ts, vf, v_ts, ok, s, o, Tb, scale);
+            else attend_head_f32(qv, kf, k_ts, vf, v_ts, ok, s, o, Tb, D, scale);
         }
     }
 }
