@@ -763,6 +763,26 @@ void mamba2_step(const float *zxbcdt, long zx_ld, float *conv_state, const float
 #define MASKED -1e30f /* the score of a padding slot: its expf is 0, and -ffast-math has no infinity */
 
 
+/* One block of an online softmax: its n scores s (MASKED: padding; bm, their max, is not) become
+ * their exps under the running max *m, which rises to bm first if need be. Returns the factor that
+ * rescales what was summed under the old max (1: none), *sum already rescaled and grown. */
+static inline float softmax_block(float *restrict s, long n, float bm, float *m, float *sum, int *started) {
+    float c = 1.0f;
+    if (!*started || bm > *m) {
+        c = *started ? expf(*m - bm) : 1.0f;
+        *sum *= c;
+        *m = bm;
+        *started = 1;
+    }
+    float mm = *m, total = 0.0f;
+    for (long t = 0; t < n; t++) { /* branch-free, so that expf is a vector call */
+        s[t] = expf(s[t] - mm);
+        total += s[t];
+    }
+    *sum += total;
+    return c;
+}
+
 /* One (row, head): softmax(scale * K q) V over T keys in one pass over blocks of keys with an
  * online softmax (the running max and sum rescale what is accumulated so far), so each block's
  * keys and values are read together: two memory streams per thread, not one at a time. Slots
@@ -776,8 +796,7 @@ void mamba2_step(const float *zxbcdt, long zx_ld, float *conv_state, const float
         memset(o, 0, D * sizeof(float));                                                             \
         for (long t0 = 0; t0 < Tn; t0 += KEYS) {                                                     \
             long n = Tn - t0 < KEYS ? Tn - t0 : KEYS;                                                \
-            float bm = 0.0f;                                                                         \
-            int any = 0;                                                                             \
+            float bm = MASKED;                                                                       \
             for (long t = 0; t < n; t++) {                                                           \
                 s[t] = MASKED;                                                                       \
                 if (ok && !ok[t0 + t]) continue;                                                     \
@@ -785,23 +804,14 @@ void mamba2_step(const float *zxbcdt, long zx_ld, float *conv_state, const float
                 float acc = 0.0f;                                                                    \
                 for (long d = 0; d < D; d++) acc += LOAD(kr[d]) * qv[d];                             \
                 s[t] = acc * scale;                                                                  \
-                bm = any ? fmaxf(bm, s[t]) : s[t];                                                   \
-                any = 1;                                                                             \
+                bm = fmaxf(bm, s[t]);                                                                \
             }                                                                                        \
-            if (!any) continue;                                                                      \
-            if (!started || bm > m) {                                                                \
-                float c = started ? expf(m - bm) : 1.0f;                                             \
+            if (bm == MASKED) continue; /* every slot of the block is padding */                     \
+            float c = softmax_block(s, n, bm, &m, &sum, &started);                                   \
+            if (c != 1.0f)                                                                           \
                 for (long d = 0; d < D; d++) o[d] *= c;                                              \
-                sum *= c;                                                                            \
-                m = bm;                                                                              \
-                started = 1;                                                                         \
-            }                                                                                        \
-            for (long t = 0; t < n; t++) { /* branch-free, so that expf is a vector call */         \
-                s[t] = expf(s[t] - m);                                                               \
-                sum += s[t];                                                                         \
-            }                                                                                        \
             for (long t = 0; t < n; t++) {                                                           \
-                if (ok && !ok[t0 + t]) continue;                                                     \
+                if (ok && !ok[t0 + t]) continue; /* a padding slot's value may hold anything */      \
                 const T *restrict vt = vb + (t0 + t) * v_ts;                                         \
                 float w = s[t];                                                                      \
                 for (long d = 0; d < D; d++) o[d] += w * LOAD(vt[d]);                                \
@@ -825,7 +835,7 @@ ATTEND_HEAD(attend_head_bf16, uint16_t, LOAD_BF16)
         v16 q[NV], o[NV];                                                                            \
         _Pragma("GCC unroll 8") for (int j = 0; j < NV; j++) q[j] = load16(qv, F32, 16 * j),         \
                                                               o[j] = (v16){0};                       \
-        float m = 0.0f, sum = 0.0f; /* no infinity under -ffast-math: m is set by a first key */      \
+        float m = 0.0f, sum = 0.0f;                                                                  \
         int started = 0;                                                                             \
         for (long t0 = 0; t0 < Tn; t0 += KEYS) {                                                     \
             long n = Tn - t0 < KEYS ? Tn - t0 : KEYS;                                                \
@@ -841,20 +851,11 @@ ATTEND_HEAD(attend_head_bf16, uint16_t, LOAD_BF16)
                 s[t] = acc * scale;                                                                  \
                 bm = fmaxf(bm, s[t]);                                                                \
             }                                                                                        \
-            if (bm == MASKED) continue; /* every slot of the block is padding */                     \
-            if (!started || bm > m) {                                                                \
-                float c = started ? expf(m - bm) : 1.0f;                                             \
-                _Pragma("GCC unroll 8") for (int j = 0; j < NV; j++) o[j] *= c;                      \
-                sum *= c;                                                                            \
-                m = bm;                                                                              \
-                started = 1;                                                                         \
-            }                                                                                        \
-            for (long t = 0; t < n; t++) { /* branch-free, so that expf is a vector call */         \
-                s[t] = expf(s[t] - m);                                                               \
-                sum += s[t];                                                                         \
-            }                                                                                        \
+            if (bm == MASKED) continue;                                                              \
+            float c = softmax_block(s, n, bm, &m, &sum, &started);                                   \
+            _Pragma("GCC unroll 8") for (int j = 0; j < NV; j++) o[j] *= c;                          \
             for (long t = 0; t < n; t++) {                                                           \
-                if (ok && !ok[t0 + t]) continue; /* a padding slot's value may hold anything */      \
+                if (ok && !ok[t0 + t]) continue;                                                     \
                 const T *vt = vb + (t0 + t) * v_ts;                                                  \
                 _Pragma("GCC unroll 8") for (int j = 0; j < NV; j++) o[j] += s[t] * load16(vt, WT, 16 * j); \
             }                                                                                        \
