@@ -331,71 +331,74 @@ static float dot1(const void *w, int wt, const float *restrict x, long K) {
 }
 
 typedef float v16 __attribute__((vector_size(64)));
+typedef float v8 __attribute__((vector_size(32)));
 #define NB 8 /* weight rows per block: 8 accumulators hide the FMA latency; 16 streams were slower */
 
-/* out[i][r] = W_i . x_r for NB weight rows against xT (K x 16: the 16 lanes are the input rows).
- * Each step is one vector load of xT and NB broadcast FMAs, with no horizontal sums; while a block
- * runs, the next block's rows are prefetched, one cache line per row per 16 steps. bf16 rows are
- * widened 16 columns at a time into `wide`, so the FMAs read fp32 either way: the conversion is
- * shared by the 16 lanes instead of repeated in each broadcast. */
-static void block16(const float *restrict xT, const void *W, int wt, long K, const void *next,
-                    float *restrict out) {
-    v16 acc[NB];
-    float wide[NB * 16] __attribute__((aligned(64)));
-    for (int i = 0; i < NB; i++) acc[i] = (v16){0};
-    for (long k0 = 0; k0 < K; k0 += 16) {
-        if (next)
-            for (int i = 0; i < NB; i++) __builtin_prefetch(w_at(next, wt, i * K + k0), 0, 3);
-        long k1 = k0 + 16 < K ? k0 + 16 : K;
-        const float *restrict wr = (const float *)W + k0; /* row i, column k0 + j: wr[i * ws + j] */
-        long ws = K;
-        if (wt == BF16) {
-            const uint16_t *restrict wb = (const uint16_t *)W + k0;
-            if (k1 - k0 == 16) /* a fixed length: one vector per row */
-                for (int i = 0; i < NB; i++)
-                    for (int j = 0; j < 16; j++) wide[i * 16 + j] = bf16_f32(wb[i * K + j]);
-            else
-                for (int i = 0; i < NB; i++)
-                    for (long j = 0; j < k1 - k0; j++) wide[i * 16 + j] = bf16_f32(wb[i * K + j]);
-            wr = wide, ws = 16;
-        }
-        for (long j = 0; j < k1 - k0; j++) {
-            v16 xv = *(const v16 *)(xT + (k0 + j) * 16);
-#pragma GCC unroll 16
-            for (int i = 0; i < NB; i++) acc[i] += wr[i * ws + j] * xv;
-        }
+/* linear_lanes##L: y (R x N) = x (R x K) W^T + bias for R <= L rows, which, transposed and
+ * zero-padded to L, fill one vector's lanes (L = 8 or 16). A block of NB weight rows: each step is
+ * one vector load of xT (K x L) and NB broadcast FMAs, with no horizontal sums; while a block runs,
+ * the next block's rows are prefetched, one cache line per row per 16 steps. bf16 rows are widened
+ * 16 columns at a time into `wide`, so the FMAs read fp32 either way: the conversion is shared by
+ * the L lanes instead of repeated in each broadcast. Each thread transposes its own copy of x:
+ * reading one thread's copy from the other core cost more than the transposition (~5 us per call).
+ * Returns 0 (nothing written) when the copies cannot be allocated. Written once as a macro and
+ * expanded per width: one function for both widths ran the 16-lane products 6% slower. */
+#define LANES(V, L)                                                                                  \
+    static void block##L(const float *restrict xT, const void *W, int wt, long K, const void *next,    \
+                         float *restrict out) {                                                      \
+        V acc[NB];                                                                                   \
+        float wide[NB * 16] __attribute__((aligned(64)));                                            \
+        for (int i = 0; i < NB; i++) acc[i] = (V){0};                                                \
+        for (long k0 = 0; k0 < K; k0 += 16) {                                                        \
+            if (next)                                                                                \
+                for (int i = 0; i < NB; i++) __builtin_prefetch(w_at(next, wt, i * K + k0), 0, 3);    \
+            long k1 = k0 + 16 < K ? k0 + 16 : K;                                                     \
+            const float *restrict wr = (const float *)W + k0; /* row i, column k0 + j: wr[i * ws + j] */ \
+            long ws = K;                                                                             \
+            if (wt == BF16) {                                                                        \
+                const uint16_t *restrict wb = (const uint16_t *)W + k0;                              \
+                if (k1 - k0 == 16) /* a fixed length: one vector per row */                          \
+                    for (int i = 0; i < NB; i++)                                                     \
+                        for (int j = 0; j < 16; j++) wide[i * 16 + j] = bf16_f32(wb[i * K + j]);     \
+                else                                                                                 \
+                    for (int i = 0; i < NB; i++)                                                     \
+                        for (long j = 0; j < k1 - k0; j++) wide[i * 16 + j] = bf16_f32(wb[i * K + j]); \
+                wr = wide, ws = 16;                                                                  \
+            }                                                                                        \
+            for (long j = 0; j < k1 - k0; j++) {                                                     \
+                V xv = *(const V *)(xT + (k0 + j) * L);                                              \
+                _Pragma("GCC unroll 16") for (int i = 0; i < NB; i++) acc[i] += wr[i * ws + j] * xv; \
+            }                                                                                        \
+        }                                                                                            \
+        for (int i = 0; i < NB; i++) memcpy(out + i * L, &acc[i], sizeof(V));                        \
+    }                                                                                                \
+                                                                                                     \
+    static int linear_lanes##L(const float *x, long x_ld, const void *W, int wt, const float *bias, float *y, \
+                               long R, long N, long K, int nt) {                                     \
+        float *copies = aligned_alloc(64, (size_t)nt * K * L * sizeof(float));                       \
+        if (!copies) return 0;                                                                       \
+        long blocks = N / NB;                                                                        \
+        _Pragma("omp parallel num_threads(nt)") {                                                    \
+            float *restrict xT = copies + (size_t)omp_get_thread_num() * K * L;                      \
+            for (long k = 0; k < K; k++)                                                             \
+                for (long r = 0; r < L; r++) xT[k * L + r] = r < R ? x[r * x_ld + k] : 0.0f;         \
+            _Pragma("omp for schedule(static)") for (long b = 0; b < blocks; b++) {                  \
+                float out[NB * L] __attribute__((aligned(64)));                                      \
+                long n = b * NB;                                                                     \
+                block##L(xT, w_at(W, wt, n * K), wt, K, b + 1 < blocks ? w_at(W, wt, (n + NB) * K) : NULL, out); \
+                for (long r = 0; r < R; r++)                                                         \
+                    for (int i = 0; i < NB; i++) y[r * N + n + i] = out[i * L + r] + (bias ? bias[n + i] : 0.0f); \
+            }                                                                                        \
+        }                                                                                            \
+        for (long n = blocks * NB; n < N; n++)                                                       \
+            for (long r = 0; r < R; r++)                                                             \
+                y[r * N + n] = dot1(w_at(W, wt, n * K), wt, x + r * x_ld, K) + (bias ? bias[n] : 0.0f); \
+        free(copies);                                                                                \
+        return 1;                                                                                    \
     }
-    for (int i = 0; i < NB; i++) memcpy(out + i * 16, &acc[i], sizeof(v16));
-}
-
-/* 9 to 16 rows: the rows, transposed and zero-padded to 16, fill one vector's lanes. Each thread
- * transposes its own copy: reading one thread's copy from the other core cost more than the
- * transposition (~5 us per call). Returns 0 (nothing written) when the copies cannot be allocated. */
-static int linear_rows16(const float *x, long x_ld, const void *W, int wt, const float *bias, float *y,
-                         long R, long N, long K, int nt) {
-    float *copies = aligned_alloc(64, (size_t)nt * K * 16 * sizeof(float));
-    if (!copies) return 0;
-    long blocks = N / NB;
-#pragma omp parallel num_threads(nt)
-    {
-        float *restrict xT = copies + (size_t)omp_get_thread_num() * K * 16;
-        for (long k = 0; k < K; k++)
-            for (long r = 0; r < 16; r++) xT[k * 16 + r] = r < R ? x[r * x_ld + k] : 0.0f;
-#pragma omp for schedule(static)
-        for (long b = 0; b < blocks; b++) {
-            float out[NB * 16] __attribute__((aligned(64)));
-            long n = b * NB;
-            block16(xT, w_at(W, wt, n * K), wt, K, b + 1 < blocks ? w_at(W, wt, (n + NB) * K) : NULL, out);
-            for (long r = 0; r < R; r++)
-                for (int i = 0; i < NB; i++) y[r * N + n + i] = out[i * 16 + r] + (bias ? bias[n + i] : 0.0f);
-        }
-    }
-    for (long n = blocks * NB; n < N; n++)
-        for (long r = 0; r < R; r++)
-            y[r * N + n] = dot1(w_at(W, wt, n * K), wt, x + r * x_ld, K) + (bias ? bias[n] : 0.0f);
-    free(copies);
-    return 1;
-}
+LANES(v16, 16)
+LANES(v8, 8)
+#undef LANES
 
 typedef float v16u __attribute__((vector_size(64), aligned(4)));   /* any float address */
 typedef uint16_t u16x16 __attribute__((vector_size(32), aligned(2)));
@@ -512,12 +515,16 @@ static void linear_tiles(const float *x, long x_ld, const void *W, int wt, const
  *     0.92 at K = 1024, against 1.16 and 1.40 for one dot product per row; equal when memory is slow.
  *   - bf16, 1 to 12 rows: tiles, widening each weight once for all the rows. A model step of the
  *     benchmark configuration: 1 row 1.44 -> 1.27 ms, 8 rows 4.32 -> 3.46 ms, 12 rows 5.48 -> 4.74.
- *   - fp32, 2 to 8 rows: four weight rows sit in L1 while every input row passes over them, the
+ *   - fp32, 2 to 5 rows: four weight rows sit in L1 while every input row passes over them, the
  *     next blocks' lines prefetched in bursts spread over the input rows. (Tiles: slower for 2-4
  *     rows; for 5-8, ~10% faster with fast memory and ~10% slower with slow.)
+ *   - fp32, 6 to 8 rows: the rows become the lanes of an 8-wide vector (linear_lanes8), whose FMAs
+ *     issue two per cycle: a whole pass of 6 / 8 tokens 15% / 21% faster than by 4-row blocks
+ *     (same-process A/B, slow memory; with the weights in L3, 0% / 19%). 5 rows: 14% faster with
+ *     slow memory, 12% slower from L3, so they stay with the blocks.
  *   - 9 to 16 rows (bf16 from 13): the arithmetic dominates and the rows become the lanes of one
- *     vector (linear_rows16). The 16-row products of a step: 6.4 ms with four weight rows per block
- *     and no prefetch, 4.2 with prefetch, ~3.3 as lanes. */
+ *     16-wide vector (linear_lanes16). The 16-row products of a step: 6.4 ms with four weight rows
+ *     per block and no prefetch, 4.2 with prefetch, ~3.3 as lanes. */
 void linear_rows(const float *x, long x_ld, const void *W, int wt, const float *bias, float *y, long R,
                  long N, long K, int nt) {
     if (R <= 0) return; /* an empty batch */
@@ -525,7 +532,9 @@ void linear_rows(const float *x, long x_ld, const void *W, int wt, const float *
         linear_tiles(x, x_ld, W, wt, bias, y, R, N, K, wt == BF16 ? 8 : 4, wt != BF16, nt);
         return;
     }
-    if (R > 8 && linear_rows16(x, x_ld, W, wt, bias, y, R, N, K, nt)) return;
+    if (R > 8 ? linear_lanes16(x, x_ld, W, wt, bias, y, R, N, K, nt)
+              : R > 5 && linear_lanes8(x, x_ld, W, wt, bias, y, R, N, K, nt))
+        return;
     long block_bytes = (long)((const char *)w_at(W, wt, 4 * K) - (const char *)W);
     long lines = block_bytes / 64, per_row = (lines + R - 1) / R; /* cache lines of a 4-row block */
 #pragma omp parallel for num_threads(nt) schedule(static)
