@@ -12,7 +12,9 @@ from transformers import AutoTokenizer
 
 from mamba_slm.bench import format_report
 from mamba_slm.cli import main
+from mamba_slm.data import DataSpec, load_corpus, tokenize_and_pack
 from mamba_slm.generation import load_engine
+from mamba_slm.speculative import predicted_ngrams
 
 
 def run(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
@@ -330,11 +332,16 @@ def test_ngrams_writes_the_table_that_prompt_lookup_drafts_from(tiny_model_dir, 
     shutil.copytree(tiny_model_dir, model)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(["To be, or not to be, that is the question."] * 40))
-    assert main(["ngrams", "--model", str(model), "--dataset", str(corpus)]) == 0
+    assert main(["ngrams", "--model", str(model), "--dataset", str(corpus), "--max-tokens", "100"]) == 0
     assert "prompt-lookup n-gram table" in capsys.readouterr().out
     engine = load_engine(str(model))
-    to_be = engine.encode(["To be, or not"])[0]
-    assert engine.ngrams.draft(to_be[:2], 3) == to_be[2:5]  # the corpus's one line, continued
+    # what the model itself predicts after the corpus's contexts, from ~100 tokens of it
+    split = load_corpus(DataSpec(dataset=str(corpus)))["train"]
+    blocks = tokenize_and_pack(split, engine.tokenizer, engine.model.config.max_position_embeddings)[
+        "input_ids"
+    ]
+    want = predicted_ngrams(engine.model, blocks, max_tokens=100)
+    assert engine.ngrams.next_token == want.next_token and len(want) > 0
     args = [
         "generate",
         "--model",

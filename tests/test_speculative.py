@@ -1,6 +1,7 @@
 """Prompt-lookup decoding: the same tokens as plain greedy, fewer passes where the text repeats,
 and a cache that takes rejected draft tokens back, on the C step and on the module path."""
 
+import random
 from dataclasses import replace
 
 import pytest
@@ -10,7 +11,7 @@ from mamba_slm import HybridLM, ModelConfig
 from mamba_slm.checkpoint import CheckpointError
 from mamba_slm.generation import Engine, GenerationConfig, GenerationError, load_engine
 from mamba_slm.model.cache import HybridCache
-from mamba_slm.speculative import NGRAMS_NAME, CorpusNgrams, NgramIndex
+from mamba_slm.speculative import NGRAMS_NAME, CorpusNgrams, NgramIndex, predicted_ngrams
 
 LOOPING_PROMPT = [5, 6, 7, 8, 9] * 4
 
@@ -198,6 +199,44 @@ def test_the_corpus_table_keeps_each_contexts_most_frequent_next_token():
     assert table.draft([7], 2) == []  # (7) was seen once, fewer than min_count
     assert table.draft([4], 1) == []  # (4 5) once only; documents are not joined: (4) -> (5) is not a pair
     assert CorpusNgrams.count(docs, vocab_size=8, min_count=1).draft([4], 1) == [5]
+
+
+def test_the_table_can_count_what_a_model_predicted_instead_of_the_next_token():
+    docs = [[1, 2, 3, 1, 2, 3], [1, 2]]
+    predicted = [[0, 4, 0, 0, 4, 0], [0, 5]]  # after position i of each document
+    table = CorpusNgrams.count(docs, vocab_size=8, min_count=1, predictions=predicted)
+    assert table.next_token[0] == {1: 0, 2: 4, 3: 0}  # (2) was followed by its prediction 4 twice, 5 once
+    assert table.next_token[1] == {1 * 8 + 2: 4, 2 * 8 + 3: 0, 3 * 8 + 1: 0}  # (1 2) ended each document
+    assert table.draft([3, 1, 2], 1) == [4]  # and not the text's own 3
+    with pytest.raises(ValueError, match="1 predictions for a document of 2 tokens"):
+        CorpusNgrams.count([[1, 2]], vocab_size=8, predictions=[[3]])
+    with pytest.raises(ValueError, match="token id 9 outside the vocabulary"):
+        CorpusNgrams.count([[1, 2]], vocab_size=8, predictions=[[3, 9]])
+
+
+def test_predicted_ngrams_counts_the_models_greedy_tokens_on_a_sample_of_blocks():
+    model = tiny(4).train()
+    gen = torch.Generator().manual_seed(0)
+    blocks = [torch.randint(0, 64, (n,), generator=gen).tolist() for n in [9, 9, 9, 5, 9, 5, 9]]
+    table = predicted_ngrams(model, blocks, max_tokens=30, min_count=1, seed=3)
+    assert model.training  # put back as it was
+    # The same blocks by hand, one at a time: whole blocks picked at random until 30 tokens are in.
+    order = list(range(len(blocks)))
+    random.Random(3).shuffle(order)
+    picked, total = [], 0
+    for i in order:
+        if total >= 30:
+            break
+        picked.append(blocks[i])
+        total += len(blocks[i])
+    assert 30 <= total < 39
+    with torch.no_grad():
+        model.eval()
+        predicted = [model(torch.tensor([b])).logits[0].argmax(-1).tolist() for b in picked]
+    want = CorpusNgrams.count(picked, 64, min_count=1, predictions=predicted)
+    assert table.next_token == want.next_token and len(table) > 0
+    everything = predicted_ngrams(model, blocks, max_tokens=10**6, min_count=1)
+    assert len(everything) > len(table)
 
 
 def test_the_corpus_table_is_saved_and_loaded_as_safetensors_and_checked(tmp_path):

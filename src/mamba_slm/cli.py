@@ -11,7 +11,7 @@ import json
 import re
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -21,7 +21,8 @@ from .config import ConfigError
 from .data import DataError, DataSpec, load_corpus, materialize
 from .finetune import FinetuneError
 from .generation import GenerationError
-from .speculative import NGRAMS_NAME, CorpusNgrams
+from .model.hybrid import HybridLM
+from .speculative import NGRAMS_NAME, PREDICTED_TOKENS, predicted_ngrams
 from .tokenizer import TokenizerError, load_tokenizer, train_tokenizer
 from .train import TrainError
 
@@ -136,32 +137,43 @@ def cmd_train(args: argparse.Namespace) -> None:
         f"done at step {result['step']}" + (f"; best validation loss {best:.4f}" if best is not None else "")
     )
     if trainer.accelerator.is_main_process:  # beside the final model and the best one, as they are saved
+        from .checkpoint import load_model
+
         out = Path(args.output_dir)
-        write_ngrams(train_blocks, model.config.vocab_size, [d for d in (out, out / "best") if d.is_dir()])
+        for model_dir in [d for d in (out, out / "best") if d.is_dir()]:
+            # Read back as saved: one whole model, also where training sharded it across processes.
+            write_ngrams(load_model(model_dir, device=trainer.accelerator.device), train_blocks, model_dir)
 
 
-def write_ngrams(blocks: Iterable[Sequence[int]], vocab_size: int, model_dirs: list[Path]) -> None:
-    """The corpus table that prompt lookup drafts from where the text has no match (speculative.py)."""
-    table = CorpusNgrams.count(blocks, vocab_size)
-    for model_dir in model_dirs:
-        table.save(model_dir / NGRAMS_NAME)
-        print(f"prompt-lookup n-gram table: {len(table):,} contexts in {model_dir / NGRAMS_NAME}")
+def write_ngrams(
+    model: HybridLM, blocks: Sequence[Sequence[int]], model_dir: Path, max_tokens: int = PREDICTED_TOKENS
+) -> None:
+    """The table that prompt lookup drafts from where the text has no match: what `model` predicts
+    after each position of up to `max_tokens` tokens of `blocks` (speculative.py)."""
+    table = predicted_ngrams(model, blocks, max_tokens)
+    table.save(model_dir / NGRAMS_NAME)
+    counted = min(max_tokens, sum(map(len, blocks)))
+    print(
+        f"prompt-lookup n-gram table: {len(table):,} contexts in {model_dir / NGRAMS_NAME} "
+        f"(the model's predictions on ~{counted:,} tokens)"
+    )
 
 
 def cmd_ngrams(args: argparse.Namespace) -> None:
-    from .checkpoint import load_config
+    from .checkpoint import load_model
     from .data import tokenize_and_pack
 
-    config = load_config(args.model)
+    if args.max_tokens < 1:
+        raise DataError(f"--max-tokens: expected a positive number, got {args.max_tokens}")
+    model = load_model(args.model)
     tokenizer = load_tokenizer(args.model)
-    if len(tokenizer) > config.vocab_size:
+    if len(tokenizer) > model.config.vocab_size:
         raise CheckpointError(
-            f"{args.model}: its tokenizer has {len(tokenizer)} tokens, the model {config.vocab_size}"
+            f"{args.model}: its tokenizer has {len(tokenizer)} tokens, the model {model.config.vocab_size}"
         )
-    blocks = tokenize_and_pack(load_corpus(data_spec(args))["train"], tokenizer, 1024, args.num_proc)[
-        "input_ids"
-    ]
-    write_ngrams(blocks, config.vocab_size, [Path(args.model)])
+    block_size = min(1024, model.config.max_position_embeddings)
+    blocks = tokenize_and_pack(load_corpus(data_spec(args))["train"], tokenizer, block_size, args.num_proc)
+    write_ngrams(model, blocks["input_ids"], Path(args.model), args.max_tokens)
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
@@ -517,10 +529,20 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=cmd_train)
 
     ngrams = commands.add_parser(
-        "ngrams", help=f"count a corpus's n-grams into MODEL/{NGRAMS_NAME}, for --prompt-lookup's drafts"
+        "ngrams",
+        help=f"count what the model predicts after a corpus's n-grams into MODEL/{NGRAMS_NAME}, for "
+        "--prompt-lookup's drafts",
     )
     add_data_args(ngrams)
-    ngrams.add_argument("--model", required=True, help="model directory (train writes its corpus's table)")
+    ngrams.add_argument(
+        "--model", required=True, help="model directory (train writes a table from its training data)"
+    )
+    ngrams.add_argument(
+        "--max-tokens",
+        type=int,
+        default=PREDICTED_TOKENS,
+        help=f"corpus tokens the model predicts after (default {PREDICTED_TOKENS:,})",
+    )
     ngrams.set_defaults(func=cmd_ngrams)
 
     ft = commands.add_parser("finetune", help="fine-tune a model: LoRA/QLoRA or full, text or chat SFT")

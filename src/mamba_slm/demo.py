@@ -20,7 +20,7 @@ from .data import DataError, DataSpec, load_corpus, tokenize_and_pack
 from .evaluate import perplexity, unigram_perplexity
 from .generation import SamplingConfig, generate
 from .model.hybrid import HybridLM
-from .speculative import NGRAMS_NAME, CorpusNgrams
+from .speculative import NGRAMS_NAME, predicted_ngrams
 from .tokenizer import train_tokenizer
 from .train import TrainArgs, Trainer
 
@@ -92,7 +92,7 @@ def run_demo(args: DemoArgs) -> dict:
     train_seconds = time.perf_counter() - train_start
     losses = [e for e in result["log"] if "loss" in e]
     # What `--prompt-lookup` drafts from where the text has no earlier match, as `train` writes it.
-    CorpusNgrams.count(train_blocks, config.vocab_size).save(out / "model" / NGRAMS_NAME)
+    predicted_ngrams(model, train_blocks).save(out / "model" / NGRAMS_NAME)
 
     step(4, f"evaluating on {len(eval_blocks)} held-out blocks")
     model_ppl = perplexity(model, eval_blocks)
