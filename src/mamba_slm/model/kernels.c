@@ -473,6 +473,14 @@ static void tile_const(const void *w, int wt, long K, const float *x, long x_ld,
         tile(w, F32, K, x, x_ld, 4, 1, ahead, burst, out);
         return;
     }
+    if (wt == F32 && M == 3 && G == 4) {
+        tile(w, F32, K, x, x_ld, 3, 4, ahead, burst, out);
+        return;
+    }
+    if (wt == F32 && M == 3 && G == 5) {
+        tile(w, F32, K, x, x_ld, 3, 5, ahead, burst, out);
+        return;
+    }
 #define TILE_CASE(M_, G_)                                                                            \
     if (wt == BF16 && M == M_ && G == G_) {                                                         \
         tile(w, BF16, K, x, x_ld, M_, G_, ahead, burst, out);                                       \
@@ -488,8 +496,7 @@ static void tile_const(const void *w, int wt, long K, const float *x, long x_ld,
 /* linear_rows by tiles: blocks of 4 weight rows for up to 4 input rows, else of 2 for up to 8 at a
  * time (past 8, the block's weights are read again, from L1). Prefetching `ahead_rows` ahead. */
 static void linear_tiles(const float *x, long x_ld, const void *W, int wt, const float *bias, float *y, long R,
-                         long N, long K, long ahead_rows, int burst, int nt) {
-    int M = R <= 4 ? 4 : 2;
+                         long N, long K, int M, long ahead_rows, int burst, int nt) {
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (long n = 0; n < N - (M - 1); n += M) {
         const void *ahead = n + ahead_rows + M <= N ? w_at(W, wt, (n + ahead_rows) * K) : NULL;
@@ -515,13 +522,16 @@ static void linear_tiles(const float *x, long x_ld, const void *W, int wt, const
  *     0.92 at K = 1024, against 1.16 and 1.40 for one dot product per row; equal when memory is slow.
  *   - bf16, 1 to 12 rows: tiles, widening each weight once for all the rows. A model step of the
  *     benchmark configuration: 1 row 1.44 -> 1.27 ms, 8 rows 4.32 -> 3.46 ms, 12 rows 5.48 -> 4.74.
- *   - fp32, 2 to 5 rows: four weight rows sit in L1 while every input row passes over them, the
- *     next blocks' lines prefetched in bursts spread over the input rows. (Tiles: slower for 2-4
- *     rows; for 5-8, ~10% faster with fast memory and ~10% slower with slow.)
+ *   - fp32, 2 or 3 rows: four weight rows sit in L1 while every input row passes over them, the
+ *     next blocks' lines prefetched in bursts spread over the input rows.
+ *   - fp32, 4 or 5 rows: tiles of 3 weight rows, each weight line prefetched one block ahead as the
+ *     tile reaches its column. Against the 4-row blocks: a whole pass of 5 tokens 8% faster with
+ *     slow memory (same-process A/B), 4 tokens equal; with the weights in L2, where the arithmetic
+ *     decides, 17% / 14% faster. (Bursts, or 2 or 4 weight rows, were slower.)
  *   - fp32, 6 to 8 rows: the rows become the lanes of an 8-wide vector (linear_lanes8), whose FMAs
  *     issue two per cycle: a whole pass of 6 / 8 tokens 15% / 21% faster than by 4-row blocks
- *     (same-process A/B, slow memory; with the weights in L3, 0% / 19%). 5 rows: 14% faster with
- *     slow memory, 12% slower from L3, so they stay with the blocks.
+ *     (slow memory; with the weights in L3, 0% / 19%). For 5 rows the 8 lanes do 8/5 of the work:
+ *     14% faster with slow memory, but 24% slower from L2.
  *   - 9 to 16 rows (bf16 from 13): the arithmetic dominates and the rows become the lanes of one
  *     16-wide vector (linear_lanes16). The 16-row products of a step: 6.4 ms with four weight rows
  *     per block and no prefetch, 4.2 with prefetch, ~3.3 as lanes. */
@@ -529,7 +539,11 @@ void linear_rows(const float *x, long x_ld, const void *W, int wt, const float *
                  long N, long K, int nt) {
     if (R <= 0) return; /* an empty batch */
     if (R == 1 || (wt == BF16 && R <= 12)) {
-        linear_tiles(x, x_ld, W, wt, bias, y, R, N, K, wt == BF16 ? 8 : 4, wt != BF16, nt);
+        linear_tiles(x, x_ld, W, wt, bias, y, R, N, K, R <= 4 ? 4 : 2, wt == BF16 ? 8 : 4, wt != BF16, nt);
+        return;
+    }
+    if (R == 4 || R == 5) {
+        linear_tiles(x, x_ld, W, wt, bias, y, R, N, K, 3, 3, 0, nt);
         return;
     }
     if (R > 8 ? linear_lanes16(x, x_ld, W, wt, bias, y, R, N, K, nt)
