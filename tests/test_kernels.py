@@ -115,7 +115,8 @@ def test_softmax_cross_entropy_rows_and_gradients():
 
 # Every loop of kernels.c's linear_rows: tiles (fp32: 4 weight rows for one row, 3 for 4-5 rows;
 # bf16: 4 weight rows for 1-4 rows, 2 for 5-8, 2 twice for 9-12), 4-row blocks (fp32, 2-3), rows as
-# the lanes of an 8-wide vector (fp32, 6-8) or of a 16-wide one (fp32 from 9, bf16 from 13).
+# the lanes of an 8-wide vector (fp32, 6-9: the 9th in tiles) or of a 16-wide one (fp32 from 10,
+# bf16 from 13).
 ROW_COUNTS = [1, 2, 3, 4, 5, 6, 8, 9, 12, 13, 16]
 
 

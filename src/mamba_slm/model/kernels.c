@@ -335,7 +335,8 @@ typedef float v8 __attribute__((vector_size(32)));
 #define NB 8 /* weight rows per block: 8 accumulators hide the FMA latency; 16 streams were slower */
 
 /* linear_lanes##L: y (R x N) = x (R x K) W^T + bias for R <= L rows, which, transposed and
- * zero-padded to L, fill one vector's lanes (L = 8 or 16). A block of NB weight rows: each step is
+ * zero-padded to L, fill one vector's lanes (L = 8 or 16; with 8 lanes, up to 4 more rows go
+ * through tiles of each block while it is in L1). A block of NB weight rows: each step is
  * one vector load of xT (K x L) and NB broadcast FMAs, with no horizontal sums; while a block runs,
  * the next block's rows are prefetched, one cache line per row per 16 steps. bf16 rows are widened
  * 16 columns at a time into `wide`, so the FMAs read fp32 either way: the conversion is shared by
@@ -343,6 +344,9 @@ typedef float v8 __attribute__((vector_size(32)));
  * reading one thread's copy from the other core cost more than the transposition (~5 us per call).
  * Returns 0 (nothing written) when the copies cannot be allocated. Written once as a macro and
  * expanded per width: one function for both widths ran the 16-lane products 6% slower. */
+static void tile_const(const void *w, int wt, long K, const float *x, long x_ld, int M, int G, const void *ahead,
+                       int burst, float *out);
+
 #define LANES(V, L)                                                                                  \
     static void block##L(const float *restrict xT, const void *W, int wt, long K, const void *next,    \
                          float *restrict out) {                                                      \
@@ -386,8 +390,15 @@ typedef float v8 __attribute__((vector_size(32)));
                 float out[NB * L] __attribute__((aligned(64)));                                      \
                 long n = b * NB;                                                                     \
                 block##L(xT, w_at(W, wt, n * K), wt, K, b + 1 < blocks ? w_at(W, wt, (n + NB) * K) : NULL, out); \
-                for (long r = 0; r < R; r++)                                                         \
+                for (long r = 0; r < (R < L ? R : L); r++)                                           \
                     for (int i = 0; i < NB; i++) y[r * N + n + i] = out[i * L + r] + (bias ? bias[n + i] : 0.0f); \
+                for (int i = 0; L < 16 && R > L && i < NB; i += 4) { /* rows past 8 lanes: the block again */ \
+                    float t[16];                                                                     \
+                    tile_const(w_at(W, wt, (n + i) * K), wt, K, x + L * x_ld, x_ld, 4, (int)(R - L), NULL, 0, t); \
+                    for (long r = 0; r < R - L; r++)                                                 \
+                        for (int q = 0; q < 4; q++)                                                  \
+                            y[(L + r) * N + n + i + q] = t[r * 4 + q] + (bias ? bias[n + i + q] : 0.0f); \
+                }                                                                                    \
             }                                                                                        \
         }                                                                                            \
         for (long n = blocks * NB; n < N; n++)                                                       \
@@ -473,6 +484,18 @@ static void tile_const(const void *w, int wt, long K, const float *x, long x_ld,
         tile(w, F32, K, x, x_ld, 4, 1, ahead, burst, out);
         return;
     }
+    if (wt == F32 && M == 4 && G == 2) {
+        tile(w, F32, K, x, x_ld, 4, 2, ahead, burst, out);
+        return;
+    }
+    if (wt == F32 && M == 4 && G == 3) {
+        tile(w, F32, K, x, x_ld, 4, 3, ahead, burst, out);
+        return;
+    }
+    if (wt == F32 && M == 4 && G == 4) {
+        tile(w, F32, K, x, x_ld, 4, 4, ahead, burst, out);
+        return;
+    }
     if (wt == F32 && M == 3 && G == 4) {
         tile(w, F32, K, x, x_ld, 3, 4, ahead, burst, out);
         return;
@@ -528,11 +551,13 @@ static void linear_tiles(const float *x, long x_ld, const void *W, int wt, const
  *     tile reaches its column. Against the 4-row blocks: a whole pass of 5 tokens 8% faster with
  *     slow memory (same-process A/B), 4 tokens equal; with the weights in L2, where the arithmetic
  *     decides, 17% / 14% faster. (Bursts, or 2 or 4 weight rows, were slower.)
- *   - fp32, 6 to 8 rows: the rows become the lanes of an 8-wide vector (linear_lanes8), whose FMAs
+ *   - fp32, 6 to 9 rows: the rows become the lanes of an 8-wide vector (linear_lanes8), whose FMAs
  *     issue two per cycle: a whole pass of 6 / 8 tokens 15% / 21% faster than by 4-row blocks
  *     (slow memory; with the weights in L3, 0% / 19%). For 5 rows the 8 lanes do 8/5 of the work:
- *     14% faster with slow memory, but 24% slower from L2.
- *   - 9 to 16 rows (bf16 from 13): the arithmetic dominates and the rows become the lanes of one
+ *     14% faster with slow memory, but 24% slower from L2. A 9th row takes each block again from
+ *     L1 in tiles: 27% faster than 16 lanes from L2, 2% slower with slow memory (10 rows: 14%
+ *     faster, 9% slower; 12 rows: slower either way).
+ *   - 10 to 16 rows (bf16 from 13): the arithmetic dominates and the rows become the lanes of one
  *     16-wide vector (linear_lanes16). The 16-row products of a step: 6.4 ms with four weight rows
  *     per block and no prefetch, 4.2 with prefetch, ~3.3 as lanes. */
 void linear_rows(const float *x, long x_ld, const void *W, int wt, const float *bias, float *y, long R,
@@ -546,7 +571,7 @@ void linear_rows(const float *x, long x_ld, const void *W, int wt, const float *
         linear_tiles(x, x_ld, W, wt, bias, y, R, N, K, 3, 3, 0, nt);
         return;
     }
-    if (R > 8 ? linear_lanes16(x, x_ld, W, wt, bias, y, R, N, K, nt)
+    if (R > 9 ? linear_lanes16(x, x_ld, W, wt, bias, y, R, N, K, nt)
               : R > 5 && linear_lanes8(x, x_ld, W, wt, bias, y, R, N, K, nt))
         return;
     long block_bytes = (long)((const char *)w_at(W, wt, 4 * K) - (const char *)W);
