@@ -456,6 +456,8 @@ static inline __attribute__((always_inline)) void tile(const void *w, int wt, lo
 #pragma GCC unroll 16
         for (int r = 0; r < G; r++) {
             v16 xv = *(const v16u *)(x + r * x_ld + k);
+            if (wt == F32 && G >= 5) /* in a register: gcc folds it into each of the M FMAs, which */
+                __asm__("" : "+v"(xv)); /* then load it M times (5 rows: 18 loads to 15 FMAs) */
 #pragma GCC unroll 4
             for (int i = 0; i < M; i++) acc[r * M + i] += wv[i] * xv;
         }
@@ -550,7 +552,9 @@ static void linear_tiles(const float *x, long x_ld, const void *W, int wt, const
  *   - fp32, 4 or 5 rows: tiles of 3 weight rows, each weight line prefetched one block ahead as the
  *     tile reaches its column. Against the 4-row blocks: a whole pass of 5 tokens 8% faster with
  *     slow memory (same-process A/B), 4 tokens equal; with the weights in L2, where the arithmetic
- *     decides, 17% / 14% faster. (Bursts, or 2 or 4 weight rows, were slower.)
+ *     decides, 17% / 14% faster. (Bursts, or 2 or 4 weight rows, were slower.) With the input
+ *     vectors of 5 rows held in registers rather than loaded by each FMA, from L2 a further 22%
+ *     faster (4 rows: 5% slower, so they keep gcc's choice); equal with slow memory.
  *   - fp32, 6 to 9 rows: the rows become the lanes of an 8-wide vector (linear_lanes8), whose FMAs
  *     issue two per cycle: a whole pass of 6 / 8 tokens 15% / 21% faster than by 4-row blocks
  *     (slow memory; with the weights in L3, 0% / 19%). For 5 rows the 8 lanes do 8/5 of the work:
