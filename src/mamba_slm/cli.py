@@ -152,10 +152,9 @@ def write_ngrams(
     after each position of up to `max_tokens` tokens of `blocks` (speculative.py)."""
     table = predicted_ngrams(model, blocks, max_tokens)
     table.save(model_dir / NGRAMS_NAME)
-    counted = min(max_tokens, sum(map(len, blocks)))
     print(
         f"prompt-lookup n-gram table: {len(table):,} contexts in {model_dir / NGRAMS_NAME} "
-        f"(the model's predictions on ~{counted:,} tokens)"
+        f"(the model's predictions on up to {max_tokens:,} tokens)"
     )
 
 
