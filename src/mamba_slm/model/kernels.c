@@ -456,8 +456,8 @@ static inline __attribute__((always_inline)) void tile(const void *w, int wt, lo
 #pragma GCC unroll 16
         for (int r = 0; r < G; r++) {
             v16 xv = *(const v16u *)(x + r * x_ld + k);
-            if (wt == F32 && G >= 5) /* in a register: gcc folds it into each of the M FMAs, which */
-                __asm__("" : "+v"(xv)); /* then load it M times (5 rows: 18 loads to 15 FMAs) */
+            if (G >= 5) /* in a register: gcc folds it into each of the M FMAs, which then load */
+                __asm__("" : "+v"(xv)); /* it M times (5 fp32 rows: 18 loads to 15 FMAs) */
 #pragma GCC unroll 4
             for (int i = 0; i < M; i++) acc[r * M + i] += wv[i] * xv;
         }
@@ -554,7 +554,8 @@ static void linear_tiles(const float *x, long x_ld, const void *W, int wt, const
  *     slow memory (same-process A/B), 4 tokens equal; with the weights in L2, where the arithmetic
  *     decides, 17% / 14% faster. (Bursts, or 2 or 4 weight rows, were slower.) With the input
  *     vectors of 5 rows held in registers rather than loaded by each FMA, from L2 a further 22%
- *     faster (4 rows: 5% slower, so they keep gcc's choice); equal with slow memory.
+ *     faster (4 rows: 5% slower, so they keep gcc's choice); equal with slow memory. (bf16 tiles
+ *     of 5-12 rows likewise: whole steps 3-4% faster.)
  *   - fp32, 6 to 9 rows: the rows become the lanes of an 8-wide vector (linear_lanes8), whose FMAs
  *     issue two per cycle: a whole pass of 6 / 8 tokens 15% / 21% faster than by 4-row blocks
  *     (slow memory; with the weights in L3, 0% / 19%). For 5 rows the 8 lanes do 8/5 of the work:
