@@ -478,48 +478,26 @@ static inline __attribute__((always_inline)) void tile(const void *w, int wt, lo
 }
 
 /* tile() with M, G and wt as constants, so that its loops unroll and the accumulators stay in
- * registers: the cases linear_rows dispatches (fp32 tiles serve one row only). Any other case
- * runs the same code with runtime counts. */
+ * registers: the cases linear_rows dispatches (fp32: one row; 4-5 rows; a 9th beside 8 lanes).
+ * Any other case runs the same code with runtime counts. */
 static void tile_const(const void *w, int wt, long K, const float *x, long x_ld, int M, int G, const void *ahead,
                        int burst, float *out) {
-    if (wt == F32 && M == 4 && G == 1) {
-        tile(w, F32, K, x, x_ld, 4, 1, ahead, burst, out);
-        return;
-    }
-    if (wt == F32 && M == 4 && G == 2) {
-        tile(w, F32, K, x, x_ld, 4, 2, ahead, burst, out);
-        return;
-    }
-    if (wt == F32 && M == 4 && G == 3) {
-        tile(w, F32, K, x, x_ld, 4, 3, ahead, burst, out);
-        return;
-    }
-    if (wt == F32 && M == 4 && G == 4) {
-        tile(w, F32, K, x, x_ld, 4, 4, ahead, burst, out);
-        return;
-    }
-    if (wt == F32 && M == 3 && G == 4) {
-        tile(w, F32, K, x, x_ld, 3, 4, ahead, burst, out);
-        return;
-    }
-    if (wt == F32 && M == 3 && G == 5) {
-        tile(w, F32, K, x, x_ld, 3, 5, ahead, burst, out);
-        return;
-    }
-#define TILE_CASE(M_, G_)                                                                            \
-    if (wt == BF16 && M == M_ && G == G_) {                                                         \
-        tile(w, BF16, K, x, x_ld, M_, G_, ahead, burst, out);                                       \
+#define TILE_CASE(WT_, M_, G_)                                                                       \
+    if (wt == WT_ && M == M_ && G == G_) {                                                          \
+        tile(w, WT_, K, x, x_ld, M_, G_, ahead, burst, out);                                        \
         return;                                                                                     \
     }
-    TILE_CASE(4, 1) TILE_CASE(4, 2) TILE_CASE(4, 3) TILE_CASE(4, 4)
-    TILE_CASE(2, 1) TILE_CASE(2, 2) TILE_CASE(2, 3) TILE_CASE(2, 4)
-    TILE_CASE(2, 5) TILE_CASE(2, 6) TILE_CASE(2, 7) TILE_CASE(2, 8)
+    TILE_CASE(F32, 4, 1) TILE_CASE(F32, 4, 2) TILE_CASE(F32, 4, 3) TILE_CASE(F32, 4, 4)
+    TILE_CASE(F32, 3, 4) TILE_CASE(F32, 3, 5)
+    TILE_CASE(BF16, 4, 1) TILE_CASE(BF16, 4, 2) TILE_CASE(BF16, 4, 3) TILE_CASE(BF16, 4, 4)
+    TILE_CASE(BF16, 2, 1) TILE_CASE(BF16, 2, 2) TILE_CASE(BF16, 2, 3) TILE_CASE(BF16, 2, 4)
+    TILE_CASE(BF16, 2, 5) TILE_CASE(BF16, 2, 6) TILE_CASE(BF16, 2, 7) TILE_CASE(BF16, 2, 8)
 #undef TILE_CASE
     tile(w, wt, K, x, x_ld, M, G, ahead, burst, out);
 }
 
-/* linear_rows by tiles: blocks of 4 weight rows for up to 4 input rows, else of 2 for up to 8 at a
- * time (past 8, the block's weights are read again, from L1). Prefetching `ahead_rows` ahead. */
+/* linear_rows by tiles of M weight rows against up to 8 input rows at a time (past 8, the block's
+ * weights are read again, from L1; M x rows <= 16 accumulators). Prefetching `ahead_rows` ahead. */
 static void linear_tiles(const float *x, long x_ld, const void *W, int wt, const float *bias, float *y, long R,
                          long N, long K, int M, long ahead_rows, int burst, int nt) {
 #pragma omp parallel for num_threads(nt) schedule(static)
