@@ -360,3 +360,7 @@ def test_ngrams_writes_the_table_that_prompt_lookup_drafts_from(tiny_model_dir, 
     result = run("ngrams", "--model", str(tmp_path / "missing"), "--dataset", str(corpus))
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "missing" in result.stderr
+    result = run("ngrams", "--model", str(model), "--dataset", str(corpus), "--max-tokens", "0")
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "mamba-slm: error: --max-tokens: expected a positive number, got 0"
+    ]
