@@ -14,8 +14,9 @@ timed within seconds of each other on this drifting VM. Models:
   * any other `--trained` directory.
 Trained small models' greedy text repeats itself, which is what lookup drafts from. For each: our
 engine plain; our engine with `prompt_lookup=LOOKUP`, drafting from the context only, then also
-from the training corpus's n-gram table where the context has no match (`lookup_ngrams.safetensors`,
-which `train` writes; counted here with `mamba-slm ngrams` from the built-in corpus for a model
+from the model directory's n-gram table where the context has no match (`lookup_ngrams.safetensors`:
+the model's own greedy predictions after each 1-2 token context of some of its training text, which
+`train` writes; counted here with `mamba-slm ngrams` on the built-in corpus for a model
 directory without one); and our model through transformers' `generate` on the same weights
 (transformers refuses prompt lookup and assisted decoding for stateful models, so its run is plain
 greedy). "Tokens per pass" is the new tokens over the model passes after the prefill. Lookup's
@@ -164,12 +165,13 @@ def main() -> None:
         "",
         "| model | Engine tok/s | ours through transformers `generate` tok/s | Engine + prompt lookup, context "
         "drafts only, tok/s | vs `generate`: median of the rounds' ratios (quartiles); ratio of the best rounds "
-        "| + corpus drafts where the context has no match, tok/s | vs `generate`, the same |",
+        "| + table drafts (the model's predictions) where the context has no match, tok/s "
+        "| vs `generate`, the same |",
         "|---|---|---|---|---|---|---|",
         *lines,
         "",
         "Random weights almost never repeat a span of their own text, so lookup is plain greedy plus the cost of "
-        "the few rejected drafts (and they have no corpus); trained small models' greedy text repeats itself, and "
+        "the few rejected drafts (and they have no table); trained small models' greedy text repeats itself, and "
         "keeps to its corpus's common phrases. \"A pass, in plain steps\" is what a lookup pass (the last token "
         "and its draft, verified together) costs in plain greedy's time per token.",
         "",
