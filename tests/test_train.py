@@ -276,6 +276,14 @@ def test_compiled_model_trains(tmp_path):
     assert result["step"] == 3 and all(math.isfinite(e["loss"]) for e in result["log"] if "loss" in e)
 
 
+def test_lookup_tokens_0_trains_without_a_lookup_table(tmp_path, corpus_and_tokenizer):
+    corpus, tok = corpus_and_tokenizer
+    cmd = _train_cmd(corpus, tok, tmp_path / "run", "--max-steps", "2", "--lookup-tokens", "0")
+    subprocess.run(cmd, check=True, capture_output=True)
+    assert (tmp_path / "run" / "model.safetensors").exists()
+    assert not (tmp_path / "run" / NGRAMS_NAME).exists()
+
+
 def test_bad_arguments_are_one_line_errors(tmp_path, corpus_and_tokenizer):
     with pytest.raises(TrainError, match="--batch-size: expected a positive integer, got 0"):
         args(tmp_path, batch_size=0)
@@ -283,7 +291,7 @@ def test_bad_arguments_are_one_line_errors(tmp_path, corpus_and_tokenizer):
         args(tmp_path, max_steps=-1)
     corpus, tok = corpus_and_tokenizer
     for extra, message in [(["--batch-size", "0"], "--batch-size"), (["--block-size", "1"], "--block-size"),
-                           (["--preset", "huge"], "unknown preset")]:  # fmt: skip
+                           (["--preset", "huge"], "unknown preset"), (["--lookup-tokens", "-1"], "--lookup-tokens")]:  # fmt: skip
         cmd = _train_cmd(corpus, tok, tmp_path / "bad", *extra)
         result = subprocess.run(cmd, capture_output=True, text=True)
         assert result.returncode == 2 and "Traceback" not in result.stderr

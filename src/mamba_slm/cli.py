@@ -103,6 +103,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     if args.block_size < 2:
         raise TrainError(f"--block-size: expected at least 2, got {args.block_size}")
+    if args.lookup_tokens < 0:
+        raise TrainError(f"--lookup-tokens: expected 0 (no table) or more, got {args.lookup_tokens}")
     tokenizer = load_tokenizer(args.tokenizer)
     corpus = load_corpus(data_spec(args))
     overrides = {f: getattr(args, f) for f in MODEL_FIELDS if getattr(args, f) is not None}
@@ -136,13 +138,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(
         f"done at step {result['step']}" + (f"; best validation loss {best:.4f}" if best is not None else "")
     )
-    if trainer.accelerator.is_main_process:  # beside the final model and the best one, as they are saved
+    if args.lookup_tokens and trainer.accelerator.is_main_process:  # beside each model as it is saved
         from .checkpoint import load_model
 
         out = Path(args.output_dir)
         for model_dir in [d for d in (out, out / "best") if d.is_dir()]:
             # Read back as saved: one whole model, also where training sharded it across processes.
-            write_ngrams(load_model(model_dir, device=trainer.accelerator.device), train_blocks, model_dir)
+            saved = load_model(model_dir, device=trainer.accelerator.device)
+            write_ngrams(saved, train_blocks, model_dir, args.lookup_tokens)
 
 
 def write_ngrams(
@@ -520,6 +523,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="start over in an --output-dir that holds an earlier run's checkpoints (deletes them)",
     )  # fmt: skip
     tr.add_argument("--compile", action="store_true", help="torch.compile the model (opt-in)")
+    tr.add_argument(
+        "--lookup-tokens",
+        type=int,
+        default=PREDICTED_TOKENS,
+        help=f"training tokens the trained model predicts after, for --prompt-lookup's table "
+        f"({NGRAMS_NAME}; default {PREDICTED_TOKENS:,}; 0: none)",
+    )
     tr.add_argument(
         "--fsdp",
         action="store_true",
