@@ -124,8 +124,8 @@ ROW_COUNTS = [1, 2, 3, 4, 5, 6, 8, 9, 12, 13, 16]
 @pytest.mark.parametrize("in_features", [37, 150])  # a partial vector; two 64-wide blocks of sums and a tail
 def test_linear_rows_matches_matmul(rows, in_features):
     torch.manual_seed(5)
-    # 45 outputs: five 8-row blocks and a tail, not a multiple of 4 or of 2 either
-    x, weight, bias = torch.randn(rows, in_features), torch.randn(45, in_features), torch.randn(45)
+    # 47 outputs: five 8-row blocks and a tail, not a multiple of 4, 3 or 2 either (every tile size's tail)
+    x, weight, bias = torch.randn(rows, in_features), torch.randn(47, in_features), torch.randn(47)
     torch.testing.assert_close(
         kernels.linear_rows(x, weight, bias), x @ weight.t() + bias, atol=1e-5, rtol=1e-5
     )
@@ -139,7 +139,7 @@ def test_linear_rows_matches_matmul(rows, in_features):
 def test_linear_rows_reads_bf16_weights_as_the_values_they_hold(rows, in_features):
     """A bf16 weight is widened, not rounded again: the product is the fp32 product of its values."""
     torch.manual_seed(6)
-    x, weight, bias = torch.randn(rows, in_features), torch.randn(45, in_features).bfloat16(), torch.randn(45)
+    x, weight, bias = torch.randn(rows, in_features), torch.randn(47, in_features).bfloat16(), torch.randn(47)
     want = x @ weight.float().t() + bias
     torch.testing.assert_close(kernels.linear_rows(x, weight, bias), want, atol=1e-5, rtol=1e-5)
 
