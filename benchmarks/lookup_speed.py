@@ -20,7 +20,9 @@ the model's own greedy predictions after each 1-2 token context of some of its t
 directory without one); and our model through transformers' `generate` on the same weights
 (transformers refuses prompt lookup and assisted decoding for stateful models, so its run is plain
 greedy). "Tokens per pass" is the new tokens over the model passes after the prefill. Lookup's
-tokens are checked to equal plain greedy's.
+tokens are checked to equal plain greedy's. For the trained models, sampling too: the model's own
+CLI's default settings (temperature 0.8, top-p 0.9) and plain temperature 1, seeded, plain
+against prompt lookup with the table; lookup's samples are checked to equal plain sampling's for the same seed.
 """
 
 from __future__ import annotations
@@ -40,13 +42,14 @@ from mamba_slm.bench import SEED_PROMPTS, paired_ratio, random_prompt  # noqa: E
 from mamba_slm.generation import Engine, GenerationConfig, load_engine  # noqa: E402
 from mamba_slm.hf import MambaSLMForCausalLM  # noqa: E402
 from mamba_slm.runtime import tune_cpu_allocator  # noqa: E402
-from mamba_slm.speculative import FIRST_DRAFT, NGRAMS_NAME  # noqa: E402
+from mamba_slm.speculative import FIRST_DRAFT, KEPT_MIN, NGRAMS_NAME  # noqa: E402
 from model_speed import build, write_section  # noqa: E402
 
 NEW_TOKENS = 128
 LOOKUP = 15  # the longest draft: a pass of 16 tokens, the most the one-call C step takes
 BENCH_MODEL = Path("runs/bench-30m")
 TRAIN_STEPS = 220
+SAMPLING = [(0.8, 0.9), (1.0, 1.0)]  # temperature, top-p: the CLI's defaults; plain sampling
 
 
 def train_bench_model(out: Path) -> None:
@@ -118,6 +121,34 @@ def measure(engine: Engine, prompts: list[list[int]], rounds: int) -> dict:
     return best
 
 
+def measure_sampled(
+    engine: Engine, prompts: list[list[int]], rounds: int, temperature: float, top_p: float
+) -> dict:
+    """Plain sampling against sampling with prompt lookup, seeded: best tokens/s of each, the
+    median of the rounds' ratios, lookup's tokens per pass."""
+    plain = GenerationConfig(max_new_tokens=NEW_TOKENS, temperature=temperature, top_p=top_p, seed=0)
+    lookup = GenerationConfig(
+        max_new_tokens=NEW_TOKENS, temperature=temperature, top_p=top_p, seed=0, prompt_lookup=LOOKUP
+    )
+    calls: list[int] = []  # lookup's model passes, prefills included
+    for p in prompts:
+        want = engine.generate([p], plain)[0].tokens
+        hook = engine.model.register_forward_hook(lambda m, args, out: calls.append(1))
+        assert engine.generate([p], lookup)[0].tokens == want, "prompt lookup changed the samples"
+        hook.remove()
+    decode_passes = len(calls) - len(prompts)
+    speeds: dict[str, list[float]] = {"plain": [], "lookup": []}
+    for i in range(rounds):
+        for name, config in [("plain", plain), ("lookup", lookup)][:: 1 if i % 2 == 0 else -1]:
+            start = time.perf_counter()
+            for p in prompts:
+                engine.generate([p], config)
+            speeds[name].append(len(prompts) * NEW_TOKENS / (time.perf_counter() - start))
+    return {"temperature": plain.temperature, "top_p": plain.top_p, "plain": max(speeds["plain"]),
+            "lookup": max(speeds["lookup"]), "ratio": paired_ratio(speeds["lookup"], speeds["plain"]),
+            "tokens_per_pass": len(prompts) * NEW_TOKENS / decode_passes}  # fmt: skip
+
+
 def row(label: str, r: dict) -> str:
     def drafted(name: str) -> str:
         if name not in r:
@@ -148,6 +179,7 @@ def main() -> None:
     random_engine = Engine(build("ours").eval())
     random_prompts = [random_prompt(random_engine, 8, seed=i)[0] for i in range(len(SEED_PROMPTS))]
     lines = [row("~30M benchmark model, random weights", measure(random_engine, random_prompts, args.rounds))]
+    sampled_lines = []
     demo = Path("runs/demo/model")
     for path in [BENCH_MODEL / "model", *([demo] if (demo / "config.json").exists() else []), *args.trained]:
         if not (path / NGRAMS_NAME).exists():  # trained before `train` wrote the table: the built-in corpus's
@@ -156,6 +188,13 @@ def main() -> None:
         steps = json.loads((path / "training_args.json").read_text()).get("max_steps")
         label = f"`{path}`: {engine.model.num_parameters() / 1e6:.1f}M parameters, trained {steps} steps"
         lines.append(row(label, measure(engine, engine.encode(SEED_PROMPTS), args.rounds)))
+        for temperature, top_p in SAMPLING:
+            r = measure_sampled(engine, engine.encode(SEED_PROMPTS), args.rounds, temperature, top_p)
+            sampled_lines.append(
+                f"| {label} | {temperature:g} / {top_p:g} | {r['plain']:.0f} | {r['lookup']:.0f} "
+                f"({r['tokens_per_pass']:.2f} tokens per pass) | **{r['ratio']['median']:.2f}x** "
+                f"({r['ratio']['q1']:.2f}-{r['ratio']['q3']:.2f}) |"
+            )
     body = "\n".join([
         f"Machine: {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}; fp32, batch 1 "
         f"greedy, {NEW_TOKENS} new tokens after each of the seed's 5 prompts, best of {args.rounds} interleaved "
@@ -174,6 +213,16 @@ def main() -> None:
         "the few rejected drafts (and they have no table); trained small models' greedy text repeats itself, and "
         "keeps to its corpus's common phrases. \"A pass, in plain steps\" is what a lookup pass (the last token "
         "and its draft, verified together) costs in plain greedy's time per token.",
+        "",
+        f"Sampling, seed 0, {NEW_TOKENS} new tokens after each prompt, at generate's and chat's default settings "
+        "and at plain temperature 1: plain against prompt lookup with the table; lookup drew the same samples "
+        "(checked). Sampled drafts start at 1 token, and a source whose drafts' first tokens are kept less than "
+        f"{KEPT_MIN:.0%} of the time pauses (speculative.py).",
+        "",
+        "| model | temperature / top-p | Engine sampling tok/s | + prompt lookup tok/s | lookup vs plain: median "
+        "of the rounds' ratios (quartiles) |",
+        "|---|---|---|---|---|",
+        *sampled_lines,
         "",
     ])  # fmt: skip
     print(body)

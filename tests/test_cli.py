@@ -255,7 +255,8 @@ def test_generate_and_bench_bad_input_is_one_line(tiny_model_dir, tmp_path, caps
         (["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--penalty-alpha", "0.6", "-n", "2"],
          "-n/--num-return-sequences: contrastive search"),
         (["chat", "--model", str(tiny_model_dir), "--num-beams", "2"], "--num-beams"),
-        (["chat", "--model", str(tiny_model_dir), "--prompt-lookup", "4"], "--prompt-lookup: plain greedy"),
+        (["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--num-beams", "2", "--prompt-lookup", "4"],
+         "--prompt-lookup: greedy decoding or sampling"),
     ]  # fmt: skip
     for argv, message in in_process:
         assert main(argv) == 2

@@ -1,5 +1,6 @@
-"""Prompt-lookup decoding: the same tokens as plain greedy, fewer passes where the text repeats,
-and a cache that takes rejected draft tokens back, on the C step and on the module path."""
+"""Prompt-lookup decoding: the same tokens as plain greedy (and as plain sampling with the same
+seed), fewer passes where the text repeats, and a cache that takes rejected draft tokens back, on
+the C step and on the module path."""
 
 import random
 from dataclasses import replace
@@ -12,6 +13,7 @@ from mamba_slm.checkpoint import CheckpointError
 from mamba_slm.generation import Engine, GenerationConfig, GenerationError, load_engine
 from mamba_slm.model.cache import HybridCache
 from mamba_slm.speculative import NGRAMS_NAME, CorpusNgrams, NgramIndex, predicted_ngrams
+from mamba_slm.tokenizer import train_tokenizer
 
 LOOPING_PROMPT = [5, 6, 7, 8, 9] * 4
 
@@ -183,10 +185,57 @@ def test_several_prompts_each_get_their_own_lookup():
 
 @pytest.mark.parametrize(
     "settings",
-    [dict(temperature=0.7), dict(temperature=0, num_beams=2), dict(temperature=0, penalty_alpha=0.5, top_k=3),
-     dict(temperature=0, repetition_penalty=1.2), dict(temperature=0, prompt_lookup=-1)],
+    [
+        dict(
+            temperature=0.02, seed=4
+        ),  # a random model's logits are close: this is cold enough to keep drafts
+        dict(temperature=1.0, top_k=5, min_p=0.05, seed=5),
+        dict(temperature=0.8, top_p=0.9, repetition_penalty=1.3, seed=6),
+        dict(temperature=0, repetition_penalty=1.2),  # greedy through the penalty
+        dict(temperature=0.7),  # the global generator: the same draws after the same manual_seed
+    ],
+    ids=["cold", "top-k-min-p", "top-p-penalty", "greedy-penalty", "unseeded"],
+)
+@pytest.mark.parametrize(
+    "overrides", [dict(layer_pattern="MAMA"), dict(mixer="mamba1")], ids=["c-step", "module"]
+)
+def test_prompt_lookup_draws_the_samples_plain_sampling_draws(settings, overrides):
+    """Each yielded token takes one draw, in plain sampling's order: the same tokens for the same seed."""
+    model = tiny(7, **overrides)
+    engine = Engine(model)
+    passes = []
+    model.register_forward_hook(lambda module, args, out: passes.append(args[0].shape[1]))
+    config = GenerationConfig(max_new_tokens=40, **settings)
+    torch.manual_seed(11)
+    plain = engine.generate([LOOPING_PROMPT], config)[0].tokens
+    plain_passes, passes[:] = len(passes), []
+    torch.manual_seed(11)
+    fast = engine.generate([LOOPING_PROMPT], replace(config, prompt_lookup=6))[0].tokens
+    assert fast == plain and len(fast) == 40
+    if settings["temperature"] == 0.02:
+        assert len(passes) < plain_passes  # drafts were kept
+    assert max(passes) > 1  # and drafted in any case
+
+
+def test_a_sampled_lookup_stream_joins_to_the_plain_sampled_text():
+    tokenizer = train_tokenizer(
+        ["the cat sat on the mat; " * 20, "héllo wörld — ünïcode ✓ " * 10], vocab_size=300
+    )
+    torch.manual_seed(8)
+    model = HybridLM(ModelConfig.from_preset("tiny", vocab_size=len(tokenizer), layer_pattern="MAMA")).eval()
+    engine = Engine(model, tokenizer)
+    config = GenerationConfig(max_new_tokens=30, temperature=0.4, seed=3)
+    prompt = "the cat sat on the mat; the cat sat on the mat; héllo wörld ✓"
+    want = engine.generate([prompt], config)[0].text
+    assert "".join(engine.stream(prompt, replace(config, prompt_lookup=5))) == want
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [dict(temperature=0, num_beams=2), dict(temperature=0, penalty_alpha=0.5, top_k=3),
+     dict(temperature=0.7, num_return_sequences=2), dict(temperature=0, prompt_lookup=-1)],
 )  # fmt: skip
-def test_prompt_lookup_is_refused_outside_plain_greedy(settings):
+def test_prompt_lookup_is_refused_outside_greedy_and_sampling(settings):
     with pytest.raises(GenerationError, match="prompt_lookup"):
         GenerationConfig(**{"prompt_lookup": 4, **settings})
 

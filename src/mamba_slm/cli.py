@@ -254,9 +254,9 @@ def add_generation_args(p: argparse.ArgumentParser, temperature: float, max_new_
 
 def add_lookup_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
-                   help="greedy only: draft up to N tokens per pass from earlier text (prompt-lookup decoding; the "
-                   "draft grows while drafts are accepted whole); "
-                   "the same tokens, faster where the text repeats itself (off the CPU's C step, e.g. on a GPU, a "
+                   help="draft up to N tokens per pass from earlier text (prompt-lookup decoding; the draft grows "
+                   "while drafts are accepted whole); greedy or sampled, the same tokens as without it (sampled: for "
+                   "the same --seed), faster where the text repeats itself (off the CPU's C step, e.g. on a GPU, a "
                    "rejected draft costs a second pass)")  # fmt: skip
 
 

@@ -60,7 +60,7 @@ class GenerationConfig:
     early_stopping: bool = True  # beam search ends once num_beams hypotheses are finished
     penalty_alpha: float = 0.0  # > 0 with top_k > 1: contrastive search
     seed: int | None = None
-    prompt_lookup: int = 0  # > 0, greedy only: drafts of up to this many tokens per pass (speculative.py)
+    prompt_lookup: int = 0  # > 0: drafts of up to this many tokens per pass (speculative.py)
 
     def __post_init__(self) -> None:
         checks = [
@@ -95,11 +95,12 @@ class GenerationConfig:
                 "num_return_sequences: contrastive search is deterministic, one sequence per prompt; "
                 f"got {self.num_return_sequences}"
             )
-        if self.prompt_lookup and (self.strategy != "greedy" or self.repetition_penalty != 1.0
-                                   or self.num_return_sequences > 1):  # fmt: skip
+        if self.prompt_lookup and (
+            self.strategy not in ("greedy", "sample") or self.num_return_sequences > 1
+        ):
             raise GenerationError(
-                "prompt_lookup: plain greedy decoding only (temperature 0, one beam, no contrastive "
-                "search, no repetition penalty, one sequence per prompt)"
+                "prompt_lookup: greedy decoding or sampling, one sequence per prompt (no beam search, "
+                "no contrastive search)"
             )
         self.stop_token_ids = tuple(self.stop_token_ids)
         self.stop_strings = tuple(s for s in self.stop_strings if s)
@@ -154,6 +155,26 @@ def next_tokens(logits: Tensor, config: GenerationConfig, generator: torch.Gener
         return logits.argmax(-1)
     logits = filter_logits(logits.float() / config.temperature, config.top_k, config.top_p, config.min_p)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+class _Pick:
+    """One sampling step's choice for every row: the repetition penalty over what the rows have
+    seen, then `next_tokens`; what it picks is seen from then on. Prompt lookup calls it once per
+    token as the plain loop does, so both draw the same numbers from `generator`."""
+
+    def __init__(
+        self, config: GenerationConfig, generator: torch.Generator | None, penalty: RepetitionPenalty | None
+    ) -> None:
+        self.config, self.generator, self.penalty = config, generator, penalty
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        """(rows, vocab) -> (rows,)"""
+        if self.penalty is not None:
+            logits = self.penalty(logits)
+        tokens = next_tokens(logits, self.config, self.generator)
+        if self.penalty is not None:
+            self.penalty.add(tokens)
+        return tokens
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -450,11 +471,6 @@ class Engine:
     def _sample_steps(self, ids: list[list[int]], config: GenerationConfig) -> Iterator[Tensor]:
         """Prefill once, then yield (rows,) next tokens; the consumer stops the iteration."""
         logits, cache, _, tokens, mask = self._prefill(ids, config)
-        if config.prompt_lookup:
-            yield from lookup_steps(
-                self.model, logits, cache, ids[0], config.prompt_lookup, config.max_new_tokens, self.ngrams
-            )
-            return
         n = config.num_return_sequences
         if n > 1:
             cache.expand_rows(n)
@@ -462,17 +478,18 @@ class Engine:
         generator = None
         if config.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(config.seed)
-        penalty = self._repetition_penalty(config, tokens, mask, logits.shape[-1])
+        pick = _Pick(config, generator, self._repetition_penalty(config, tokens, mask, logits.shape[-1]))
+        if config.prompt_lookup:
+            plain_greedy = config.temperature == 0 and pick.penalty is None
+            yield from lookup_steps(self.model, logits, cache, ids[0], config.prompt_lookup, config.max_new_tokens,
+                                    self.ngrams, None if plain_greedy else pick)  # fmt: skip
+            return
         step_input = torch.empty(logits.shape[0], 1, dtype=torch.long, device=self.device)
         for step in range(config.max_new_tokens):
-            if penalty is not None:
-                logits = penalty(logits)
-            nxt = next_tokens(logits, config, generator)
+            nxt = pick(logits)
             yield nxt
             if step + 1 == config.max_new_tokens:
                 return
-            if penalty is not None:
-                penalty.add(nxt)
             step_input[:, 0] = nxt
             logits = self.model(step_input, cache=cache).logits[:, -1].float()
 

@@ -1,4 +1,4 @@
-"""Prompt-lookup decoding: greedy tokens several at a time where the text repeats itself.
+"""Prompt-lookup decoding: several tokens per pass where the text repeats itself, greedy or sampled.
 
 The draft is what followed an earlier occurrence of the context's last n tokens (n = 3, then 2,
 then 1: the longest match wins; `NgramIndex.draft` says which occurrence), as in llama.cpp's
@@ -28,15 +28,24 @@ match; drafts from the corpus's own next tokens gave those passes 2.3 tokens eac
 the model's predictions on 65,536 of its training tokens 3.4, and lookup as a whole went from 4.74
 to 5.47 tokens per pass (its greedy text after the seed's five prompts).
 
-The tokens are greedy's. A pass over several tokens sums in another order than a one-token step,
-so where two tokens are within float rounding of each other the pick can differ, as between
+Sampling works the same way (as in transformers' assisted decoding with a draft that has no
+probabilities): each position of the pass draws its token as plain sampling would, one position
+after another, and the draft is accepted up to the first draw that differs from it. A drafted
+token x is then kept with probability p(x) and otherwise replaced by a draw from p without x,
+which is exactly speculative sampling's rule for a draft that proposes x for certain; and as
+every yielded token takes one draw, in the order plain sampling takes them, a seeded generation
+gives the very tokens plain sampling gives with that seed. The greedy pick is the same rule with
+an argmax.
+
+The tokens are the plain loop's. A pass over several tokens sums in another order than a one-token
+step, so where two tokens are within float rounding of each other the pick can differ, as between
 batch sizes.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +68,8 @@ CORPUS_MIN_COUNT = 10  # a continuation seen fewer times is not trusted to predi
 PREDICTED_TOKENS = 65_536  # training tokens whose next token the model predicts for its table
 PREDICTED_MIN_COUNT = 4  # a model's predictions vary less than text: fewer sightings suffice
 CORPUS_DRAFT = 4  # tokens a corpus draft chains; each is likelier wrong than the one before
+KEPT_MIN = 0.25  # drafts from a source whose first token is kept less often than this are not sent
+KEPT_DECAY = 0.9  # the kept rate is a moving average over about the last 10 drafts
 
 
 class NgramIndex:
@@ -273,22 +284,35 @@ def lookup_steps(
     max_draft: int,
     max_new_tokens: int,
     corpus: CorpusNgrams | None = None,
+    pick: Callable[[Tensor], Tensor] | None = None,
 ) -> Iterator[Tensor]:
-    """Greedy tokens of one row, one (1,) tensor at a time, after its prefill (`logits`: (1, vocab),
+    """The tokens of one row, one (1,) tensor at a time, after its prefill (`logits`: (1, vocab),
     the prompt's last position); drafts of up to max_draft tokens from `prompt` and the output,
-    and where they have no match, of up to CORPUS_DRAFT tokens from `corpus`.
+    and where they have no match, of up to CORPUS_DRAFT tokens from `corpus`. pick: (1, vocab)
+    logits -> (1,) token, called once for each token yielded, in order (plain sampling's step:
+    its draws, its repetition penalty); None: greedy.
 
     The draft length adapts: doubled after a draft accepted whole, else one more than the tokens
-    accepted (at least FIRST_DRAFT). A long draft pays where the text is in a loop, and costs a
+    accepted (at least FIRST_DRAFT; sampled, at least 1). A long draft pays where the text is in a loop, and costs a
     pass of many rows where it is not: on the built-in corpus's models this gave 6-9% more tokens
     per unit of pass time than any fixed length (simulated from their greedy text and measured pass
-    costs)."""
+    costs).
+
+    A draft's source (the context, the table) is used only while its drafts' first tokens are
+    kept at least KEPT_MIN of the time (a moving average): a pass of two tokens costs 1.1-1.5
+    plain steps, so below that a draft costs more than it brings. While a source is paused, what
+    it would have drafted is still checked against the token picked, so it resumes when its drafts
+    would be kept again. Sampling at temperature 1 keeps few drafts; greedy keeps most."""
     max_draft = min(max_draft, MAX_ROWS - 1)  # the one-call step takes MAX_ROWS tokens of a row
-    length = min(FIRST_DRAFT, max_draft)
+    # A drawn token keeps a draft less often than greedy's (on the benchmark model, the first drafted
+    # token 28-36% of the time at temperature 0.8-0.5, against 78%): sampled drafts start at one token.
+    shortest = min(FIRST_DRAFT if pick is None else 1, max_draft)
+    length = shortest
     index = NgramIndex(prompt)
     cache.keep_trail = True
     device = logits.device
-    token, produced = int(logits[0].argmax()), 0
+    token, produced = _picked(logits, [], pick)[0], 0
+    kept_rate = {"context": 1.0, "table": 1.0}
     while True:
         yield torch.tensor([token], device=device)
         produced += 1
@@ -297,23 +321,37 @@ def lookup_steps(
             return
         # The pass yields up to len(draft) + 1 tokens; the last must still fit the budget.
         room = max_new_tokens - produced - 1
-        draft = index.draft(min(length, room))
+        draft, source = index.draft(min(length, room)), "context"
         if not draft and corpus is not None:
-            draft = corpus.draft(index.tokens, min(CORPUS_DRAFT, max_draft, room))
+            draft, source = corpus.draft(index.tokens, min(CORPUS_DRAFT, length, room)), "table"
+        guess = None
+        if draft and kept_rate[source] < KEPT_MIN:
+            guess, draft = draft[0], []  # not sent: only checked
         tokens = torch.tensor([[token, *draft]], device=device)
-        greedy = model(tokens, cache=cache).logits[0].argmax(-1).tolist()
-        accepted = 0
-        while accepted < len(draft) and greedy[accepted] == draft[accepted]:
-            accepted += 1
+        picked = _picked(model(tokens, cache=cache).logits[0], draft, pick)
+        accepted = len(picked) - 1
         rejected = len(draft) - accepted
+        if draft or guess is not None:
+            kept = accepted > 0 if draft else picked[0] == guess
+            kept_rate[source] = KEPT_DECAY * kept_rate[source] + (1 - KEPT_DECAY) * kept
         if draft:
-            length = (
-                min(2 * length, max_draft) if not rejected else max(accepted + 1, min(FIRST_DRAFT, max_draft))
-            )
+            length = min(2 * length, max_draft) if not rejected else max(accepted + 1, shortest)
         if rejected and not cache.rewind(rejected):  # back to before the pass: run the kept ones again
             model(tokens[:, : accepted + 1], cache=cache, num_logits_to_keep=1)
         for t in draft[:accepted]:
             yield torch.tensor([t], device=device)
             produced += 1
             index.add(t)
-        token = greedy[accepted]
+        token = picked[-1]
+
+
+def _picked(logits: Tensor, draft: Sequence[int], pick: Callable[[Tensor], Tensor] | None) -> list[int]:
+    """The tokens a pass yields: each position's pick (logits: (positions, vocab)), up to the first
+    that is not the draft's, that one included."""
+    greedy = logits.argmax(-1).tolist() if pick is None else None
+    out: list[int] = []
+    for i in range(len(draft) + 1):
+        out.append(greedy[i] if greedy is not None else int(pick(logits[i : i + 1])[0]))
+        if i == len(draft) or out[-1] != draft[i]:
+            return out
+    return out
