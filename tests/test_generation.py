@@ -12,6 +12,7 @@ from mamba_slm.generation import (
     GenerationConfig,
     GenerationError,
     SamplingConfig,
+    draw,
     filter_logits,
     generate,
     load_engine,
@@ -158,6 +159,49 @@ def test_filters_keep_only_allowed_tokens():
     min_p = filter_logits(logits, min_p=0.3)
     probs = logits.softmax(-1)
     assert torch.equal(min_p > float("-inf"), probs >= 0.3 * probs.amax(-1, keepdim=True))
+
+
+def sorted_filter(logits, top_k=0, top_p=1.0, min_p=0.0):
+    """The filters spelled out over a full sort of each row: the oracle for `candidates`' shortcuts."""
+    out = logits.clone()
+    for row in out:
+        order = row.argsort(descending=True)
+        if top_k:
+            row[order[top_k:]] = float("-inf")
+        probs = row.softmax(-1)[order]
+        row[order[(probs.cumsum(-1) - probs) > top_p]] = float("-inf")
+        probs = row.softmax(-1)
+        row[probs < min_p * probs.max()] = float("-inf")
+    return out
+
+
+@pytest.mark.parametrize("scale", [8.0, 2.5, 0.5], ids=["nucleus-in-128", "nucleus-in-1024", "whole-vocab"])
+@pytest.mark.parametrize(
+    "setting", [dict(top_p=0.9), dict(top_p=0.5, min_p=0.02), dict(top_k=300, top_p=0.8)]
+)
+def test_the_nucleus_found_among_the_likeliest_tokens_is_the_full_sorts(scale, setting):
+    torch.manual_seed(2)
+    logits = torch.randn(3, 4096) * scale
+    want = sorted_filter(logits, **setting) > float("-inf")
+    kept = filter_logits(logits, **setting) > float("-inf")
+    assert torch.equal(kept, want)
+    sizes = want.sum(-1)
+    if setting == dict(top_p=0.9):  # the scales reach each of the three searches
+        assert {8.0: sizes.max() <= 128, 2.5: 128 < sizes.max() <= 1024, 0.5: sizes.max() > 1024}[scale]
+
+
+def test_a_draw_follows_the_probabilities_and_never_picks_a_zero():
+    probs = torch.tensor(
+        [[0.0, 0.5, 0.0, 0.2, 0.3, 0.0], [2.0, 0.0, 0.0, 0.0, 0.0, 6.0]]
+    )  # rows need not sum to 1
+    generator = torch.Generator().manual_seed(0)
+    drawn = torch.stack([draw(probs, generator) for _ in range(20_000)])  # (draws, rows)
+    for row, p in enumerate(probs):
+        freq = torch.bincount(drawn[:, row], minlength=6).float() / len(drawn)
+        assert (freq[p == 0] == 0).all()
+        torch.testing.assert_close(freq, p / p.sum(), atol=0.015, rtol=0)
+    one_token = torch.tensor([[0.0, 0.0, 1.0]])
+    assert draw(one_token, generator).item() == 2
 
 
 @pytest.mark.parametrize(
