@@ -29,6 +29,7 @@ from mamba_slm.finetune import (
 )
 from mamba_slm.generation import GenerationConfig, load_engine
 from mamba_slm.hf import MambaSLMForCausalLM
+from mamba_slm.speculative import NGRAMS_NAME, CorpusNgrams
 from mamba_slm.tokenizer import train_tokenizer
 from mamba_slm.train import TrainArgs, collate_examples
 
@@ -330,6 +331,7 @@ def test_qlora_puts_lora_on_4bit_projections_and_trains(setup, tmp_path):
         (["--train-embeddings"], "--train-embeddings: only with --use-lora"),
         (["--dataset", "NOASSISTANT"], "has no assistant turn"),
         (["--dataset-config", "wikitext-2-raw-v1"], "are for text data, not --chat"),
+        (["--lookup-tokens", "-1"], "--lookup-tokens: expected 0"),
         pytest.param(
             ["--qlora"],
             "--qlora: 4-bit NF4 quantization (bitsandbytes) needs a CUDA GPU",
@@ -361,6 +363,21 @@ def test_cli_finetune_and_merge(setup, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "trainable params: " in printed and "trainable%: " in printed and "held-out loss" in printed
     assert HybridLM.from_pretrained(tmp_path / "merged").config.layer_pattern == "MAM"
+    # Prompt lookup's table, of the tuned model's predictions on its conversations, beside each result;
+    # the base has none, and the engine of base + adapter drafts from the adapter's.
+    assert (tmp_path / NGRAMS_NAME).exists() and (tmp_path / "merged" / NGRAMS_NAME).exists()
+    assert "prompt-lookup n-gram table" in printed and not (root / "base" / NGRAMS_NAME).exists()
+    engine = load_engine(str(root / "base"), adapter=str(tmp_path))
+    assert len(engine.ngrams) > 0
+    assert (
+        engine.ngrams.next_token
+        == CorpusNgrams.load(tmp_path / NGRAMS_NAME, len(engine.tokenizer)).next_token
+    )
+    argv = [*argv[:4], str(tmp_path / "no-table"), *argv[5:-1], "--lookup-tokens", "0"]
+    assert main(argv) == 0
+    assert (tmp_path / "no-table" / ADAPTER_WEIGHTS).exists() and not (
+        tmp_path / "no-table" / NGRAMS_NAME
+    ).exists()
 
 
 def test_loading_lora_support_prints_nothing():

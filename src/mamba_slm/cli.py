@@ -196,6 +196,13 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     targets = (
         [t.strip() for t in args.target_modules.split(",") if t.strip()] if args.target_modules else None
     )
+    if args.lookup_tokens < 0:
+        raise FinetuneError(f"--lookup-tokens: expected 0 (no table) or more, got {args.lookup_tokens}")
+    write_table = None
+    if args.lookup_tokens:  # the tuned model's own predictions, beside each directory written
+        write_table = lambda model_dir, model, sequences: write_ngrams(
+            model, sequences, model_dir, args.lookup_tokens
+        )  # noqa: E731
     summary = run_finetune(FinetuneArgs(
         base=args.base, train=train_args, dataset=args.dataset, chat=args.chat, tokenizer=args.tokenizer,
         text_field=args.text_field, dataset_config=args.dataset_config, split=args.split, streaming=args.streaming,
@@ -203,7 +210,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         max_length=args.max_length, use_lora=args.use_lora, qlora=args.qlora, lora_r=args.lora_r,
         lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=targets, merge=args.merge,
         train_embeddings=args.train_embeddings,
-    ))  # fmt: skip
+    ), write_table)  # fmt: skip
     kind = "adapter" if lora else "model"
     print(f"done at step {summary['step']}; {kind} in {args.output_dir}"
           + (f", merged model in {summary['merged_dir']}" if summary["merged_dir"] else ""))  # fmt: skip
@@ -250,6 +257,16 @@ def add_generation_args(p: argparse.ArgumentParser, temperature: float, max_new_
         help="torch.compile the decode step (for GPUs; a CPU's C step is faster)",
     )
     add_dtype_args(p)
+
+
+def add_lookup_tokens_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--lookup-tokens",
+        type=int,
+        default=PREDICTED_TOKENS,
+        help=f"training tokens the trained model predicts after, for --prompt-lookup's table "
+        f"({NGRAMS_NAME}; default {PREDICTED_TOKENS:,}; 0: none)",
+    )
 
 
 def add_lookup_arg(p: argparse.ArgumentParser) -> None:
@@ -523,13 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="start over in an --output-dir that holds an earlier run's checkpoints (deletes them)",
     )  # fmt: skip
     tr.add_argument("--compile", action="store_true", help="torch.compile the model (opt-in)")
-    tr.add_argument(
-        "--lookup-tokens",
-        type=int,
-        default=PREDICTED_TOKENS,
-        help=f"training tokens the trained model predicts after, for --prompt-lookup's table "
-        f"({NGRAMS_NAME}; default {PREDICTED_TOKENS:,}; 0: none)",
-    )
+    add_lookup_tokens_arg(tr)
     tr.add_argument(
         "--fsdp",
         action="store_true",
@@ -591,6 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     ft.add_argument("--overwrite-output-dir", action="store_true",
                     help="start over in an --output-dir that holds an earlier run's checkpoints (deletes them)")  # fmt: skip
+    add_lookup_tokens_arg(ft)
 
     gen = commands.add_parser("generate", help="generate text from prompts")
     add_generation_args(gen, temperature=0.8, max_new_tokens=64)

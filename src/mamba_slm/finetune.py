@@ -31,7 +31,7 @@ import os
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -347,8 +347,14 @@ def chat_generation_config(config, tokenizer, chat: bool) -> dict[str, Any]:
     return generation
 
 
-def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
-    """Fine-tune `args.base` as `args` says; writes args.train.output_dir; returns a summary."""
+# Called with each directory the fine-tuning wrote (the adapter or model, the merged model), the
+# tuned model as a plain `HybridLM` (adapter merged in) and its training token sequences.
+SavedHook = Callable[[Path, HybridLM, list[list[int]]], None]
+
+
+def run_finetune(args: FinetuneArgs, on_saved: SavedHook | None = None) -> dict[str, Any]:
+    """Fine-tune `args.base` as `args` says; writes args.train.output_dir; returns a summary.
+    on_saved: what else to write beside the result (the CLI: prompt lookup's table)."""
     from .tokenizer import load_tokenizer
 
     start = time.perf_counter()
@@ -409,6 +415,12 @@ def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
         save_model(merged, merged_dir, chat_generation_config(merged.config, tokenizer, args.chat))
         save_tokenizer(tokenizer, merged_dir)
         atomic_write_json(merged_dir / "training_args.json", recorded)
+    if on_saved is not None and trainer.accelerator.is_main_process:
+        # Read back as saved: a whole fp32 model, also after QLoRA or where training sharded it.
+        tuned = load_model_with_adapter(base_path, out) if args.use_lora else load_model(out)
+        sequences = [ids for ids, _ in train_ex] if args.chat else train_ex
+        for model_dir in [d for d in (out, merged_dir) if d is not None]:
+            on_saved(model_dir, tuned, sequences)
     summary = {
         "step": result["step"], "trainable_parameters": trainable, "total_parameters": total,
         "trainable_fraction": trainable / total, "val_loss_before": before, "val_loss_after": after,

@@ -674,9 +674,9 @@ def load_engine(
     `path` may also be an adapter directory alone: its recorded base is loaded and the adapter merged.
     `dtype` casts the weights after the merge (default: as saved, fp32): bfloat16 or float16 halve
     the bytes a decode step reads. On a CPU a bf16 model's decode step reads its bf16 weights and
-    sums in fp32 (`fused_step`); float16 takes the (slower) module path there. The directory's (else
-    the tokenizer's directory's) `lookup_ngrams.safetensors`, if any, is what prompt lookup drafts
-    from where the text has no match (read when lookup first needs it)."""
+    sums in fp32 (`fused_step`); float16 takes the (slower) module path there. The adapter's (else
+    the directory's, else the tokenizer's directory's) `lookup_ngrams.safetensors`, if any, is what
+    prompt lookup drafts from where the text has no match (read when lookup first needs it)."""
     for flag, value, choices in (("--kv-cache-dtype", kv_cache_dtype, KV_CACHE_DTYPES),
                                  ("--dtype", dtype, MODEL_DTYPES)):  # fmt: skip
         if value and value not in choices:
@@ -708,6 +708,7 @@ def load_engine(
     if dtype:
         model = model.to(MODEL_DTYPES[dtype])
     kv = KV_CACHE_DTYPES[kv_cache_dtype] if kv_cache_dtype else None
-    tables = [d / NGRAMS_NAME for d in dict.fromkeys((Path(path), tokenizer_dir))]
+    dirs = (Path(adapter),) if adapter else ()  # a fine-tuned model's own predictions first
+    tables = [d / NGRAMS_NAME for d in dict.fromkeys((*dirs, Path(path), tokenizer_dir))]
     table = next((t for t in tables if t.exists()), None)
     return Engine(model, load_tokenizer(tokenizer_dir), compile=compile, kv_cache_dtype=kv, ngrams=table)
