@@ -185,9 +185,29 @@ def test_the_nucleus_found_among_the_likeliest_tokens_is_the_full_sorts(scale, s
     want = sorted_filter(logits, **setting) > float("-inf")
     kept = filter_logits(logits, **setting) > float("-inf")
     assert torch.equal(kept, want)
+    torch.testing.assert_close(filter_logits(logits, **setting)[want], logits[want])  # kept as they were
     sizes = want.sum(-1)
     if setting == dict(top_p=0.9):  # the scales reach each of the three searches
         assert {8.0: sizes.max() <= 128, 2.5: 128 < sizes.max() <= 1024, 0.5: sizes.max() > 1024}[scale]
+
+
+def test_in_a_batch_only_the_rows_with_a_long_nucleus_sort_their_whole_vocabulary(monkeypatch):
+    torch.manual_seed(3)
+    logits = torch.randn(4, 4096) * torch.tensor(
+        [[8.0], [0.5], [2.5], [8.0]]
+    )  # nuclei of ~5, >1024, ~300, ~5
+    logits[0, 0] = 30.0  # token 0 kept where the padded rows' spare slots also name token 0
+    sorted_rows = []
+    real_sort = torch.sort
+    monkeypatch.setattr(torch, "sort", lambda x, **kw: sorted_rows.append(x.shape[0]) or real_sort(x, **kw))
+    kept = filter_logits(logits, top_p=0.9)
+    assert sorted_rows == [1]
+    assert torch.equal(kept > float("-inf"), sorted_filter(logits, top_p=0.9) > float("-inf"))
+    assert kept[0, 0] == 30.0
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        drawn = next_tokens(logits, GenerationConfig(temperature=1.0, top_p=0.9), generator)
+        assert (kept[torch.arange(4), drawn] > float("-inf")).all()
 
 
 def test_a_draw_follows_the_probabilities_and_never_picks_a_zero():

@@ -140,7 +140,10 @@ class Completion:
 def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> Tensor:
     """Set logits outside the top-k / nucleus (top-p) / min-p set to -inf. logits: (b, vocab)."""
     values, order = candidates(logits, top_k, top_p, min_p)
-    return values if order is None else torch.full_like(logits, float("-inf")).scatter_(1, order, values)
+    if order is None:
+        return values
+    # amax: a padded row's spare slots all name token 0 with -inf, which must not hide token 0's value
+    return torch.full_like(logits, float("-inf")).scatter_reduce_(1, order, values, "amax")
 
 
 def candidates(
@@ -148,24 +151,22 @@ def candidates(
 ) -> tuple[Tensor, Tensor | None]:
     """What the filters keep, applied in turn (top-k, then the nucleus of what is left, then min-p):
     (values, order), each row's candidate logits (-inf where dropped) and their token ids (b, k),
-    likeliest first; order is None where the candidates are the whole vocabulary in id order.
+    likeliest first; order is None where the candidates are the whole vocabulary in id order. A row
+    may end in spare slots of value -inf (naming token 0).
 
     The nucleus is looked for among the 128, then the 1,024 likeliest tokens (top-k: 23 and 43 us
     for 8,192 logits here) before the whole vocabulary is sorted (360 us, a fifth of the benchmark
     model's decode step): the briefly trained benchmark model's nucleus at temperature 0.8, top-p
-    0.9 had 158 tokens at the median and more than 1,024 in about a sixth of its steps. Sampling
-    then draws among the candidates only."""
+    0.9 had 158 tokens at the median and more than 1,024 in about a sixth of its steps; in a batch,
+    only the rows whose nucleus is longer are sorted. Sampling then draws among the candidates only."""
     vocab = logits.shape[-1]
     values, order = logits, None
     if 0 < top_k < vocab:
         values, order = torch.topk(logits, top_k)
     if top_p < 1.0:
         log_total = values.logsumexp(-1, keepdim=True)
-        sizes = (*(c for c in NUCLEUS_CANDIDATES if c < vocab), vocab) if order is None else ()
-        for k in sizes:
-            values, order = torch.topk(logits, k) if k < vocab else torch.sort(logits, descending=True)
-            if k == vocab or bool(((values - log_total).exp().sum(-1) > top_p).all()):
-                break  # every row's nucleus ends among these
+        if order is None:
+            values, order = _likeliest(logits, log_total, top_p)
         probs = (values - log_total).exp()
         values = values.masked_fill(
             probs.cumsum(-1) - probs > top_p, float("-inf")
@@ -174,6 +175,26 @@ def candidates(
         probs = values.softmax(-1)
         values = values.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), float("-inf"))
     return values, order
+
+
+def _likeliest(logits: Tensor, log_total: Tensor, top_p: float) -> tuple[Tensor, Tensor]:
+    """Each row's likeliest tokens, likeliest first, enough of them to hold more than top_p of the
+    probability: (values, order), the rows that need fewer padded with -inf."""
+    vocab = logits.shape[-1]
+    enough = None
+    for k in (c for c in NUCLEUS_CANDIDATES if c < vocab):
+        values, order = torch.topk(logits, k)
+        enough = (values - log_total).exp().sum(-1) > top_p
+        if bool(enough.all()):
+            return values, order
+    if enough is None or not bool(enough.any()):
+        return torch.sort(logits, descending=True)
+    short = ~enough  # the rows to sort whole
+    padded_values = torch.full_like(logits, float("-inf"))
+    padded_order = torch.zeros_like(logits, dtype=torch.long)
+    padded_values[:, :k], padded_order[:, :k] = values, order
+    padded_values[short], padded_order[short] = torch.sort(logits[short], descending=True)
+    return padded_values, padded_order
 
 
 def draw(probs: Tensor, generator: torch.Generator | None) -> Tensor:
