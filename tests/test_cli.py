@@ -116,6 +116,7 @@ def test_demo_end_to_end_on_a_small_corpus(tmp_path):
     assert (out / "chat-lora" / "adapter_model.safetensors").exists()
     assert (out / "model" / "model.safetensors").exists() and (out / "tokenizer" / "tokenizer.json").exists()
     assert (out / "model" / "lookup_ngrams.safetensors").exists()  # what --prompt-lookup drafts from
+    assert (out / "chat-lora" / "lookup_ngrams.safetensors").exists()  # the chat model's own
 
 
 def test_demo_into_an_unwritable_place_is_one_line(tmp_path):

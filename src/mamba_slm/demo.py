@@ -203,7 +203,8 @@ def chat_finetune(args: DemoArgs, out: Path) -> dict:
         base=str(out / "model"), train=train, chat=True, dataset=args.chat_dataset, use_lora=True, lora_r=args.chat_lora_r,
         lora_alpha=2 * args.chat_lora_r, lora_dropout=args.chat_lora_dropout, max_length=args.chat_max_length,
         validation_split=0.1, train_embeddings=args.chat_train_embeddings,
-    ))  # fmt: skip
+    ), on_saved=lambda model_dir, tuned, conversations: predicted_ngrams(tuned, conversations).save(
+        model_dir / NGRAMS_NAME))  # the chat model's own table, as `finetune` writes it  # fmt: skip
     tokenizer = load_tokenizer(out / "chat-lora")
     model = load_model_with_adapter(out / "model", out / "chat-lora").eval()
     # The questions come from the split run_finetune held out (same seed): never trained on. One of each
