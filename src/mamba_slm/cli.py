@@ -198,11 +198,10 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     )
     if args.lookup_tokens < 0:
         raise FinetuneError(f"--lookup-tokens: expected 0 (no table) or more, got {args.lookup_tokens}")
-    write_table = None
-    if args.lookup_tokens:  # the tuned model's own predictions, beside each directory written
-        write_table = lambda model_dir, model, sequences: write_ngrams(
-            model, sequences, model_dir, args.lookup_tokens
-        )  # noqa: E731
+
+    def write_table(model_dir: Path, model: HybridLM, sequences: list[list[int]]) -> None:
+        write_ngrams(model, sequences, model_dir, args.lookup_tokens)  # the tuned model's own predictions
+
     summary = run_finetune(FinetuneArgs(
         base=args.base, train=train_args, dataset=args.dataset, chat=args.chat, tokenizer=args.tokenizer,
         text_field=args.text_field, dataset_config=args.dataset_config, split=args.split, streaming=args.streaming,
@@ -210,7 +209,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         max_length=args.max_length, use_lora=args.use_lora, qlora=args.qlora, lora_r=args.lora_r,
         lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=targets, merge=args.merge,
         train_embeddings=args.train_embeddings,
-    ), write_table)  # fmt: skip
+    ), write_table if args.lookup_tokens else None)  # fmt: skip
     kind = "adapter" if lora else "model"
     print(f"done at step {summary['step']}; {kind} in {args.output_dir}"
           + (f", merged model in {summary['merged_dir']}" if summary["merged_dir"] else ""))  # fmt: skip

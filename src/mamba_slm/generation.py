@@ -35,10 +35,8 @@ from .model.linear import MAX_ROWS
 from .search import RepetitionPenalty, beam_search, contrastive_steps, penalize_repetition  # noqa: F401 (public here too)
 from .speculative import NGRAMS_NAME, CorpusNgrams, lookup_steps
 
-NUCLEUS_CANDIDATES = (
-    128,
-    1024,
-)  # top-p looks for the nucleus among these many likeliest tokens, then sorts all
+# top-p looks for the nucleus among this many likeliest tokens, then this many, then sorts them all
+NUCLEUS_CANDIDATES = (128, 1024)
 KV_ROOM = 1024  # new tokens the first KV allocation holds beyond the prompt
 GPU_ROWS = 256  # default rows of a batch on a GPU: enough to fill it for small models, bounded memory
 
@@ -168,9 +166,8 @@ def candidates(
         if order is None:
             values, order = _likeliest(logits, log_total, top_p)
         probs = (values - log_total).exp()
-        values = values.masked_fill(
-            probs.cumsum(-1) - probs > top_p, float("-inf")
-        )  # mass before reaches top_p
+        drop = probs.cumsum(-1) - probs > top_p  # the mass before a token already reaches top_p
+        values = values.masked_fill(drop, float("-inf"))
     if min_p > 0:
         probs = values.softmax(-1)
         values = values.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), float("-inf"))

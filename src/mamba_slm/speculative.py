@@ -350,8 +350,7 @@ def _picked(logits: Tensor, draft: Sequence[int], pick: Callable[[Tensor], Tenso
     that is not the draft's, that one included."""
     greedy = logits.argmax(-1).tolist() if pick is None else None
     out: list[int] = []
-    for i in range(len(draft) + 1):
+    while not out or (len(out) <= len(draft) and out[-1] == draft[len(out) - 1]):
+        i = len(out)
         out.append(greedy[i] if greedy is not None else int(pick(logits[i : i + 1])[0]))
-        if i == len(draft) or out[-1] != draft[i]:
-            return out
     return out
