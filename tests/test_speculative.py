@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from mamba_slm import HybridLM, ModelConfig
+from mamba_slm import HybridLM, ModelConfig, speculative
 from mamba_slm.checkpoint import CheckpointError
 from mamba_slm.generation import Engine, GenerationConfig, GenerationError, load_engine
 from mamba_slm.model.cache import HybridCache
@@ -215,6 +215,24 @@ def test_prompt_lookup_draws_the_samples_plain_sampling_draws(settings, override
     if settings["temperature"] == 0.02:
         assert len(passes) < plain_passes  # drafts were kept
     assert max(passes) > 1  # and drafted in any case
+
+
+def test_a_source_whose_drafts_are_rarely_kept_pauses_and_the_samples_stay_the_same(monkeypatch):
+    """Hot sampling on a random model keeps almost no draft: the source pauses (mostly one-token
+    passes) instead of paying a longer pass for every rejected draft; the tokens do not change."""
+    model = tiny(7, layer_pattern="MAMA")
+    passes = []
+    model.register_forward_hook(lambda module, args, out: passes.append(args[0].shape[1]))
+    config = GenerationConfig(max_new_tokens=200, temperature=1.5, seed=2, prompt_lookup=6)
+    prompt = [5, 6, 7, 8] * 10  # every token has earlier matches: a draft is found at every pass
+    plain = Engine(model).generate([prompt], replace(config, prompt_lookup=0))[0].tokens
+    runs = {}
+    for kept_min in (0.0, speculative.KEPT_MIN):  # 0: never paused
+        monkeypatch.setattr(speculative, "KEPT_MIN", kept_min)
+        passes.clear()
+        assert Engine(model).generate([prompt], config)[0].tokens == plain
+        runs[kept_min] = sum(n > 1 for n in passes[1:])  # passes that sent a draft
+    assert runs[speculative.KEPT_MIN] < runs[0.0] / 2, runs
 
 
 def test_a_sampled_lookup_stream_joins_to_the_plain_sampled_text():
