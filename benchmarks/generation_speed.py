@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from mamba_slm.bench import interleaved_step_seconds, paired_ratio, random_prompt  # noqa: E402
-from mamba_slm.generation import Engine, GenerationConfig  # noqa: E402
+from mamba_slm.generation import GREEDY_CHUNK, Engine, GenerationConfig  # noqa: E402
 from mamba_slm.hf import MambaSLMForCausalLM  # noqa: E402
 from mamba_slm.runtime import tune_cpu_allocator  # noqa: E402
 from model_speed import build, max_rss_mb, write_section  # noqa: E402
@@ -88,7 +88,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the generate calls")
     parser.add_argument("--decode-rounds", type=int, default=5, help="rounds of the decode-only figures")
-    parser.add_argument("--blocks", type=int, default=8, help="timed blocks of 8 steps per decode round")
+    parser.add_argument(
+        "--blocks", type=int, default=4, help=f"timed blocks of {GREEDY_CHUNK} steps per decode round"
+    )
     args = parser.parse_args()
     tune_cpu_allocator()
     torch.manual_seed(0)
@@ -135,11 +137,15 @@ def main() -> None:
     def decode_blocks(eng: Engine, positions: tuple[int, ...], batches: tuple[int, ...]) -> dict:
         sets = {("latency", pos): random_prompt(eng, pos) for pos in positions}
         blocks = dict(
-            zip(sets, interleaved_step_seconds(eng, list(sets.values()), args.blocks, 8), strict=True)
+            zip(
+                sets,
+                interleaved_step_seconds(eng, list(sets.values()), args.blocks, GREEDY_CHUNK),
+                strict=True,
+            )
         )
         if batches:
             sets = {("batch", b): random_prompt(eng, 32, b) for b in batches}
-            runs = interleaved_step_seconds(eng, list(sets.values()), args.blocks, 8)
+            runs = interleaved_step_seconds(eng, list(sets.values()), args.blocks, GREEDY_CHUNK)
             blocks |= dict(zip(sets, runs, strict=True))
         return blocks
 
@@ -196,7 +202,7 @@ def main() -> None:
         f"| HF Mamba2 `generate` (same size) | {speeds['mamba2']:.1f} | {speeds['ours'] / speeds['mamba2']:.2f}x |",
         "",
         f"Our engine, decode only (prefill excluded): {args.decode_rounds} rounds of {args.blocks} timed blocks of "
-        f"8 steps, the contexts (and the batch sizes) decoding side by side, their blocks taken in turn. "
+        f"{GREEDY_CHUNK} greedy steps (one call of the C kernels each), the contexts (and the batch sizes) decoding side by side, their blocks taken in turn. "
         f"Latency and tokens/s: the fastest block. Ratios: the median of the {pairs} block-by-block ratios "
         f"(quartiles in brackets); the ratio of the fastest blocks, which may come from different minutes, after it.",
         "",

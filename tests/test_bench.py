@@ -5,7 +5,7 @@ import torch
 
 from mamba_slm import HybridLM, ModelConfig
 from mamba_slm.bench import BenchArgs, decode_figures, interleaved_step_seconds, paired_ratio
-from mamba_slm.generation import Engine
+from mamba_slm.generation import GREEDY_CHUNK, Engine
 
 
 class LoggingEngine:
@@ -21,7 +21,7 @@ class LoggingEngine:
         name = prompts[0]
         try:
             for step in range(config.max_new_tokens):
-                self.log.append(name if step > 1 else f"{name}:untimed")
+                self.log.append(name)
                 yield torch.tensor([step])
         finally:
             self.closed.append(name)
@@ -31,9 +31,9 @@ def test_blocks_of_the_sets_are_taken_in_turn_forward_then_backward():
     engine = LoggingEngine()
     seconds = interleaved_step_seconds(engine, [["a"], ["b"], ["c"]], blocks=3, steps=2)
     assert [len(s) for s in seconds] == [3, 3, 3] and all(t > 0 for s in seconds for t in s)
-    # prefill and a first step of every set come before any timed block
-    assert engine.log[:6] == ["a:untimed"] * 2 + ["b:untimed"] * 2 + ["c:untimed"] * 2
-    timed = engine.log[6:]
+    # prefill and a first (untimed) block of every set come before any timed block
+    assert engine.log[:9] == ["a"] * 3 + ["b"] * 3 + ["c"] * 3
+    timed = engine.log[9:]
     assert timed == ["a", "a", "b", "b", "c", "c", "c", "c", "b", "b", "a", "a", "a", "a", "b", "b", "c", "c"]
     assert sorted(engine.closed) == ["a", "b", "c"]  # every decode is closed (its cache freed)
 
@@ -73,3 +73,20 @@ def test_decode_figures_on_a_real_engine():
     )
     assert figures["latency_ratio"]["40"]["blocks"] == 4 and figures["throughput_ratio"]["3"]["median"] > 0
     assert all(v > 0 for v in figures["latency_ms"].values())
+
+
+def test_every_timed_block_of_greedy_decoding_is_one_call_of_the_c_steps(monkeypatch):
+    torch.manual_seed(0)
+    engine = Engine(HybridLM(ModelConfig.from_preset("tiny", vocab_size=256)).eval())
+    calls, real = [], HybridLM.decode_greedy
+
+    def logged(self, tokens, cache, steps, *args):
+        calls.append((tokens.shape[0], steps))
+        return real(self, tokens, cache, steps, *args)
+
+    monkeypatch.setattr(HybridLM, "decode_greedy", logged)
+    seconds = interleaved_step_seconds(engine, [[[1, 2, 3]], [[4, 5]] * 3], blocks=3, steps=GREEDY_CHUNK)
+    assert [len(s) for s in seconds] == [3, 3]
+    # a first untimed block per set, then one call per timed block, in the blocks' order
+    one, three = (1, GREEDY_CHUNK), (3, GREEDY_CHUNK)
+    assert calls == [one, three] + [one, three] + [three, one] + [one, three]

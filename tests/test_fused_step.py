@@ -9,6 +9,7 @@ import torch
 from conftest import NEEDS_C_COMPILER
 from mamba_slm import HybridLM, ModelConfig
 from mamba_slm.model import fused_step
+from mamba_slm.model.cache import MambaState
 
 pytestmark = NEEDS_C_COMPILER
 
@@ -292,3 +293,111 @@ def test_passes_of_several_tokens_of_a_padded_row_never_see_its_padding(d_model,
         want = model(ids[:1, 3:31]).logits[:, 5:]  # the row without its padding
     assert fused_runs == [True] * 3 and cache.padded
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def _prefilled(model: HybridLM, prompts: list[list[int]], capacity_room: int = 2):
+    """A left-padded batch prefilled into a cache with little room (its KV buffers grow while
+    decoding); returns the cache and each row's first greedy token."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+    cache = model.allocate_cache(len(prompts), capacity=longest + capacity_room)
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask, cache=cache).logits[:, -1]
+    return cache, logits.argmax(-1)
+
+
+def _used(state, seqlen: int) -> list[torch.Tensor]:
+    """A layer's cache state: Mamba's conv window and SSM state, or the used slots of the KV buffers."""
+    if isinstance(state, MambaState):
+        return [state.conv, state.ssm]
+    return [state.k[:, :, :seqlen], state.v[:, :, :seqlen]]
+
+
+def _argmax_steps(model: HybridLM, cache, token: torch.Tensor, steps: int) -> list[list[int]]:
+    """`steps` greedy steps through `forward`, one token per row each: (steps, rows) tokens."""
+    out = []
+    with torch.no_grad():
+        for _ in range(steps):
+            token = model(token[:, None], cache=cache).logits[:, -1].argmax(-1)
+            out.append(token.tolist())
+    return out
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("prompts", [[[5, 17, 9]], [[5, 17, 9, 3, 42], [20, 1], [9, 9, 9]]])
+def test_greedy_chunks_give_the_tokens_and_states_of_step_by_step_argmax(name, prompts):
+    overrides, biases = CONFIGS[name]
+    model = _perturbed(ModelConfig.from_preset("tiny", vocab_size=96, **overrides), seed=7, biases=biases)
+    want_cache, first = _prefilled(model, prompts)
+    want = _argmax_steps(model, want_cache, first, 13)
+    cache, token = _prefilled(model, prompts)
+    got = []
+    with torch.no_grad():
+        for chunk in (5, 1, 7):  # the KV buffers grow inside the first chunk
+            steps = model.decode_greedy(token, cache, chunk)
+            assert steps is not None and steps.shape == (chunk, len(prompts))
+            got += steps.tolist()
+            token = steps[-1]
+    assert got == want
+    assert (cache.seqlen, cache.next_pos.tolist()) == (want_cache.seqlen, want_cache.next_pos.tolist())
+    for fused, plain in zip(cache.layers, want_cache.layers, strict=True):
+        for a, b in zip(_used(fused, cache.seqlen), _used(plain, cache.seqlen), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    # and the cache goes on from there as from forward's steps
+    assert _argmax_steps(model, cache, token, 3) == _argmax_steps(
+        model, want_cache, torch.tensor(want[-1]), 3
+    )
+
+
+def test_a_greedy_chunk_ends_after_the_step_that_finishes_the_last_row():
+    model = _perturbed(ModelConfig.from_preset("tiny", vocab_size=96), seed=8)
+    prompts = [[5, 17, 9, 3], [20, 1, 33, 2]]
+    want_cache, first = _prefilled(model, prompts, capacity_room=32)
+    want = _argmax_steps(model, want_cache, first, 12)
+    stop = want[4][0]  # row 0's 5th token; row 1 already finished before the chunk
+    end = next(t for t in range(12) if want[t][0] == stop) + 1
+    cache, token = _prefilled(model, prompts, capacity_room=32)
+    finished = torch.tensor([False, True])
+    with torch.no_grad():
+        steps = model.decode_greedy(token, cache, 12, stop_ids=(90, stop), finished=finished)
+    assert steps.tolist() == want[:end]
+    assert finished.tolist() == [True, True] and cache.seqlen == want_cache.seqlen - 12 + end
+    finished = torch.tensor([False, False])  # row 1 still going: the whole chunk runs
+    cache, token = _prefilled(model, prompts, capacity_room=32)
+    with torch.no_grad():
+        steps = model.decode_greedy(token, cache, 12, stop_ids=(stop,), finished=finished)
+    assert steps.tolist() == want and finished.tolist() == [True, stop in [row[1] for row in want]]
+
+
+def test_greedy_chunks_leave_to_forward_what_the_c_step_does_not_cover():
+    from peft import LoraConfig, get_peft_model
+
+    tiny = ModelConfig.from_preset("tiny", vocab_size=96)
+    uncovered = {
+        "bf16 model": (_perturbed(tiny, seed=9).to(torch.bfloat16), 2),
+        "alibi": (
+            _perturbed(ModelConfig.from_preset("tiny", vocab_size=96, pos_encoding="alibi"), seed=9),
+            2,
+        ),
+        "window narrower than the context": (
+            _perturbed(ModelConfig.from_preset("tiny", vocab_size=96, sliding_window=6), seed=9),
+            2,
+        ),
+        "17 rows": (_perturbed(tiny, seed=9), 17),
+        "adapted LM head": (
+            get_peft_model(
+                _perturbed(tiny, seed=9), LoraConfig(r=2, target_modules=["lm_head"])
+            ).base_model.model,
+            2,
+        ),
+    }
+    for name, (model, rows) in uncovered.items():
+        cache, token = _prefilled(model, [[5, 17, 9, 3]] * rows)
+        with torch.no_grad():
+            assert model.decode_greedy(token, cache, 4) is None, name
+        assert cache.seqlen == 4, name  # nothing done
+    model = _perturbed(tiny, seed=9)
+    cache, token = _prefilled(model, [[5, 17, 9, 3]])
+    with torch.enable_grad():
+        assert model.decode_greedy(token, cache, 4) is None  # autograd

@@ -2,6 +2,7 @@
 
 import random
 import threading
+from dataclasses import replace
 
 import pytest
 import torch
@@ -397,6 +398,34 @@ def test_kv_buffers_that_grow_during_generation_give_the_same_tokens(monkeypatch
         Engine(model).generate([[5, 6, 7]], GenerationConfig(max_new_tokens=40, temperature=0))[0].tokens
         == want
     )
+
+
+def test_greedy_decodes_in_chunks_of_c_steps_and_ends_as_one_step_at_a_time_does(tokenizer, monkeypatch):
+    model = tiny(len(tokenizer))
+    engine = Engine(model, tokenizer)
+    chunks, real = [], HybridLM.decode_greedy
+
+    def counting(self, tokens, cache, steps, *args):
+        out = real(self, tokens, cache, steps, *args)
+        chunks.append(None if out is None else out.shape[0])
+        return out
+
+    plain = GenerationConfig(max_new_tokens=37, temperature=0)
+    full = engine.generate(["The quick", "Café"], plain)
+    stop_id, stop_string = full[0].tokens[20], full[1].text[9:12]
+    configs = [plain, replace(plain, stop_token_ids=(stop_id,)), replace(plain, stop_strings=(stop_string,))]
+    monkeypatch.setattr(HybridLM, "decode_greedy", counting)
+    got = [engine.generate(["The quick", "Café"], cfg) for cfg in configs]
+    streamed = "".join(engine.stream("Café", configs[2]))
+    assert chunks[:3] == [16, 16, 4]  # 1 token from the prefill, then chunks up to the limit
+    assert None not in chunks and 1 not in chunks[:2]
+    monkeypatch.setattr(HybridLM, "decode_greedy", lambda *args, **kwargs: None)  # one forward per step
+    for cfg, completions in zip(configs, got, strict=True):
+        assert completions == engine.generate(["The quick", "Café"], cfg)
+    assert got[0] == full
+    assert got[1][0].finish_reason == "stop" and got[1][0].tokens[-1] == stop_id
+    assert got[2][1].finish_reason == "stop" and stop_string not in got[2][1].text
+    assert streamed == got[2][1].text
 
 
 @pytest.mark.parametrize(

@@ -72,12 +72,12 @@ def test_prompt_lookup_gives_plain_greedy_tokens_in_fewer_passes(overrides, seed
     passes = []
     model.register_forward_hook(lambda module, args, out: passes.append(args[0].shape[1]))
     plain = engine.generate([LOOPING_PROMPT], GenerationConfig(max_new_tokens=37, temperature=0))[0]
-    plain_passes, passes[:] = len(passes), []
+    passes[:] = []
     fast = engine.generate(
         [LOOPING_PROMPT], GenerationConfig(max_new_tokens=37, temperature=0, prompt_lookup=4)
     )[0]
     assert fast.tokens == plain.tokens and len(fast.tokens) == 37
-    assert len(passes) < plain_passes  # drafts were accepted
+    assert len(passes) < 37  # drafts were accepted: fewer passes than plain decoding's one per token
     assert max(passes[1:]) <= 5  # the last token and at most 4 drafted
 
 

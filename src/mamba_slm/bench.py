@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .generation import Engine, GenerationConfig
+from .generation import GREEDY_CHUNK, Engine, GenerationConfig
 
 SEED_PROMPTS = [
     "The future of artificial intelligence",
@@ -43,8 +43,8 @@ class BenchArgs:
     max_new_tokens: int = 100
     positions: tuple[int, ...] = (128, 1024, 4096)
     batch_sizes: tuple[int, ...] = (1, 4, 16)
-    decode_blocks: int = 16  # timed blocks per latency / throughput measurement, taken in turn
-    block_steps: int = 8  # decode steps per timed block
+    decode_blocks: int = 8  # timed blocks per latency / throughput measurement, taken in turn
+    block_steps: int = GREEDY_CHUNK  # decode steps per timed block: one call of greedy's C steps
     prefill_tokens: int = 512
     repeats: int = 2
     compare_hf: bool = False
@@ -102,13 +102,16 @@ def interleaved_step_seconds(
     """Seconds per decode step, per prompt set and block: every set is prefilled and decodes
     greedily, one block of `steps` steps at a time, the sets taken in turn (forward, then backward,
     so no set always runs first). Block i of every set thus ran within the same fraction of a
-    second, which is what `paired_ratio` compares. Prefill and a first step are not timed."""
+    second, which is what `paired_ratio` compares. Prefill and a first block are not timed. Greedy
+    decoding runs GREEDY_CHUNK steps per call of the C kernels where they cover the model: with
+    `steps` a multiple of it, every block holds whole calls."""
     with torch.inference_mode():
-        runs = [engine._steps(prompts, greedy(blocks * steps + 2)) for prompts in prompt_sets]
+        runs = [engine._steps(prompts, greedy((blocks + 1) * steps + 1)) for prompts in prompt_sets]
         try:
             for run in runs:
                 next(run)  # prefill + first token
-                next(run)  # a first step: lazily built state (the C step's plan) is not timed
+                for _ in range(steps):  # a first block: lazily built state (the C step's plan) is not timed
+                    next(run)
             seconds: list[list[float]] = [[] for _ in prompt_sets]
             order = list(range(len(runs)))
             for block in range(blocks):

@@ -11,8 +11,9 @@ Sampling and contrastive search are generators of next-token tensors, consumed b
 `_Collector` that applies stop token ids, stop strings and cancellation, so `generate` (a batch
 of completions) and `stream` (text deltas of one completion) share the loop. Stop tokens are
 kept in `tokens` (as transformers does) and never appear in `text`; stop strings end the text
-before them. The per-step Python work is a few tensor ops; a stop-string check decodes only the
-tail of the row. Many prompts run in batches of similar length (on a CPU, 16 rows: the most the
+before them. The per-step Python work is a few tensor ops; plain greedy decoding runs chunks of
+GREEDY_CHUNK steps in one call of the C kernels (`HybridLM.decode_greedy`), with no Python between
+them; a stop-string check decodes only the tail of the row. Many prompts run in batches of similar length (on a CPU, 16 rows: the most the
 one-call decode step takes); the key/value buffers start with room for `KV_ROOM` new tokens and
 grow by doubling, so a generous `max_new_tokens` costs nothing until it is used.
 """
@@ -30,6 +31,7 @@ import torch
 from torch import Tensor
 
 from .errors import describe
+from .model.cache import HybridCache
 from .model.hybrid import HybridLM
 from .model.linear import MAX_ROWS
 from .search import RepetitionPenalty, beam_search, contrastive_steps, penalize_repetition  # noqa: F401 (public here too)
@@ -37,6 +39,9 @@ from .speculative import NGRAMS_NAME, CorpusNgrams, lookup_steps
 
 # top-p looks for the nucleus among this many likeliest tokens, then this many, then sorts them all
 NUCLEUS_CANDIDATES = (128, 1024)
+# plain greedy decoding's steps per call of the C kernels (`HybridLM.decode_greedy`); with stop
+# strings fewer, as those are checked between calls and the steps past one are wasted
+GREEDY_CHUNK, GREEDY_CHUNK_STOP_STRINGS = 16, 4
 KV_ROOM = 1024  # new tokens the first KV allocation holds beyond the prompt
 GPU_ROWS = 256  # default rows of a batch on a GPU: enough to fill it for small models, bounded memory
 
@@ -543,6 +548,9 @@ class Engine:
             yield from lookup_steps(self.model, logits, cache, ids[0], config.prompt_lookup, config.max_new_tokens,
                                     self.ngrams, None if plain_greedy else pick)  # fmt: skip
             return
+        if config.temperature == 0 and pick.penalty is None:
+            yield from self._greedy_steps(logits, cache, config)
+            return
         step_input = torch.empty(logits.shape[0], 1, dtype=torch.long, device=self.device)
         for step in range(config.max_new_tokens):
             nxt = pick(logits)
@@ -551,6 +559,32 @@ class Engine:
                 return
             step_input[:, 0] = nxt
             logits = self.model(step_input, cache=cache).logits[:, -1].float()
+
+    def _greedy_steps(self, logits: Tensor, cache: HybridCache, config: GenerationConfig) -> Iterator[Tensor]:
+        """Plain greedy decoding after the prefill's `logits`: chunks of steps in one call of the C
+        kernels where they cover the model (`HybridLM.decode_greedy`; the same tokens without the
+        Python around each step), else one `forward` per step."""
+        stops = config.stop_ids
+        stop_tensor = torch.tensor(stops, dtype=torch.long, device=self.device)
+        chunk = GREEDY_CHUNK_STOP_STRINGS if config.stop_strings else GREEDY_CHUNK
+        finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=self.device)
+        step_input = torch.empty(logits.shape[0], 1, dtype=torch.long, device=self.device)
+        nxt, left, in_c = logits.argmax(-1), config.max_new_tokens, True
+        while True:
+            yield nxt
+            left -= 1
+            if left == 0:
+                return
+            finished |= torch.isin(nxt, stop_tensor)
+            steps = self.model.decode_greedy(nxt, cache, min(chunk, left), stops, finished) if in_c else None
+            if steps is None:  # not covered (nor, then, for the rest of this generation)
+                in_c = False
+                step_input[:, 0] = nxt
+                nxt = self.model(step_input, cache=cache).logits[:, -1].argmax(-1)
+                continue
+            yield from steps[:-1]
+            left -= steps.shape[0] - 1
+            nxt = steps[-1]
 
     def _contrastive_steps(self, ids: list[list[int]], config: GenerationConfig) -> Iterator[Tensor]:
         logits, cache, hidden, tokens, mask = self._prefill(ids, config, hidden=True)

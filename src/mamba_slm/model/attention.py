@@ -77,6 +77,15 @@ def _rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def rope_cos_sin(
+    inv_freq: Tensor, rope_factor: float, positions: Tensor, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """RoPE's cos and sin (b, l, head_dim) at positions (b, l)."""
+    freqs = positions[..., None].float() * inv_freq.to(positions.device)  # (b, l, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return (emb.cos() * rope_factor).to(dtype), (emb.sin() * rope_factor).to(dtype)
+
+
 def build_attention_inputs(
     config: ModelConfig,
     inv_freq: Tensor,
@@ -92,9 +101,7 @@ def build_attention_inputs(
     device = positions.device
     cos = sin = None
     if config.pos_encoding == "rope":
-        freqs = positions[..., None].float() * inv_freq.to(device)  # (b, l, hd/2)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        cos, sin = (emb.cos() * rope_factor).to(dtype), (emb.sin() * rope_factor).to(dtype)
+        cos, sin = rope_cos_sin(inv_freq, rope_factor, positions, dtype)
     alibi = config.pos_encoding == "alibi"
     window = config.sliding_window
     k_len = offset + q_len

@@ -21,6 +21,7 @@ Design choices:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from . import fused_step, kernels
-from .attention import Attention, AttentionInputs, build_attention_inputs, rope_inv_freq
+from .attention import Attention, AttentionInputs, build_attention_inputs, rope_cos_sin, rope_inv_freq
 from .cache import HybridCache, MambaState
 from .fused import linear_cross_entropy, rms_norm, swiglu
 from .linear import MAX_ROWS, Linear
@@ -259,11 +260,52 @@ class HybridLM(nn.Module):
         key_valid = mask
         if cache is not None:
             key_valid = cache.key_valid(seqlen) if cache.has_padding(seqlen) else None
-        if self._rope is None or self._rope[0].device != positions.device:
+        return build_attention_inputs(
+            self.config, *self._rope_on(positions.device), positions, key_valid, offset, dtype
+        )
+
+    def _rope_on(self, device: torch.device) -> tuple[Tensor, float]:
+        """RoPE's inverse frequencies on `device` and its attention factor."""
+        if self._rope is None or self._rope[0].device != device:
             # Not a buffer: frameworks that build the module on the meta device would leave it empty.
             inv_freq, factor = rope_inv_freq(self.config)
-            self._rope = (inv_freq.to(positions.device), factor)
-        return build_attention_inputs(self.config, *self._rope, positions, key_valid, offset, dtype)
+            self._rope = (inv_freq.to(device), factor)
+        return self._rope
+
+    def decode_greedy(
+        self,
+        tokens: Tensor,
+        cache: HybridCache,
+        steps: int,
+        stop_ids: Sequence[int] = (),
+        finished: Tensor | None = None,
+    ) -> Tensor | None:
+        """Up to `steps` greedy decode steps in one call of the C kernels (`fused_step.greedy`): the
+        rows' current tokens (b,) -> their next tokens (k, b), those of k steps of `forward` with
+        an argmax each. k < steps once every row has emitted one of `stop_ids`; `finished` (b,)
+        bool marks the rows that already have, and is updated. None, with nothing done, where the
+        C step does not cover this model or cache: step with `forward` instead."""
+        window = self.config.sliding_window
+        if (
+            self.config.pos_encoding == "alibi"
+            or (window is not None and window < cache.seqlen + steps)
+            or not cache.valid.is_contiguous()
+            or not fused_step.greedy_covers(self, tokens, cache)
+        ):
+            return None
+        positions = cache.begin(steps, None)  # (b, steps); the slots are marked real
+        cos = sin = None
+        if self.config.pos_encoding == "rope":
+            rope = rope_cos_sin(*self._rope_on(positions.device), positions, torch.float32)
+            cos, sin = (t.transpose(0, 1).contiguous() for t in rope)  # (steps, b, head_dim)
+        if finished is None:
+            finished = torch.zeros(tokens.shape[0], dtype=torch.bool)
+        done = fused_step.greedy(self, tokens, cache, cos, sin, stop_ids, finished, steps)
+        if done is None:  # the slots begin() reserved are taken again by the next pass
+            return None
+        cache.end(done.shape[0])
+        cache.pass_len = 0  # a greedy pass keeps no trail: nothing to take back
+        return done
 
     # ------------------------------------------------------------------ conveniences
     def allocate_cache(

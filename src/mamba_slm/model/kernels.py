@@ -81,8 +81,9 @@ _SIGNATURES = {
     "mlp_rows": [_P, _P, _F, _P, _P, _P, _I, _P, _P, _P, _P, _L, _L, _L, _I],
     "hybrid_step": [_P, _L, _P, _L, _L, _P, _P, _P, _L, _L, _L, _P, _I],
     "hybrid_rewind": [_P, _L, _P, _L, _I],
+    "hybrid_greedy": [_P, _L, _P, _P, _F, _P, _L, _L, _P, _L, _L, _P, _P, _L, _P, _L, _L, _P, _L, _P, _P, _I],
 }
-_RETURNS = {"hybrid_step": ctypes.c_int, "hybrid_rewind": ctypes.c_int}
+_RETURNS = {"hybrid_step": ctypes.c_int, "hybrid_rewind": ctypes.c_int, "hybrid_greedy": ctypes.c_long}
 
 
 def cache_dir() -> Path:
