@@ -326,9 +326,11 @@ def _argmax_steps(model: HybridLM, cache, token: torch.Tensor, steps: int) -> li
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("prompts", [[[5, 17, 9]], [[5, 17, 9, 3, 42], [20, 1], [9, 9, 9]]])
-def test_greedy_chunks_give_the_tokens_and_states_of_step_by_step_argmax(name, prompts):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_chunks_give_the_tokens_and_states_of_step_by_step_argmax(name, prompts, dtype):
     overrides, biases = CONFIGS[name]
     model = _perturbed(ModelConfig.from_preset("tiny", vocab_size=96, **overrides), seed=7, biases=biases)
+    model = model.to(dtype)
     want_cache, first = _prefilled(model, prompts)
     want = _argmax_steps(model, want_cache, first, 13)
     cache, token = _prefilled(model, prompts)
@@ -375,7 +377,7 @@ def test_greedy_chunks_leave_to_forward_what_the_c_step_does_not_cover():
 
     tiny = ModelConfig.from_preset("tiny", vocab_size=96)
     uncovered = {
-        "bf16 model": (_perturbed(tiny, seed=9).to(torch.bfloat16), 2),
+        "fp16 model": (_perturbed(tiny, seed=9).to(torch.float16), 2),
         "alibi": (
             _perturbed(ModelConfig.from_preset("tiny", vocab_size=96, pos_encoding="alibi"), seed=9),
             2,

@@ -191,11 +191,25 @@ class _RMSNorm(torch.autograd.Function):
         return (*kernels.rms_norm_backward(x, weight, dout, ctx.eps), None)
 
 
+def _bf16_cpu_inference(x: Tensor, weight: Tensor) -> bool:
+    return (
+        x.dtype is torch.bfloat16
+        and weight.dtype is torch.bfloat16
+        and x.device.type == "cpu"
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and not torch.compiler.is_compiling()
+        and kernels.library() is not None
+    )
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """RMSNorm over the last dim, times weight: fused CPU kernels for fp32, else F.rms_norm.
     At every size: F.rms_norm is a composite of six ops, slower than one ctypes call even for the
-    single row of a decode step."""
+    single row of a decode step. A bf16 model's inference on a CPU takes the fp32 kernel on the
+    widened values, rounded once to bf16: what the greedy C loop (`hybrid_greedy`) computes too."""
     if not kernels.fp32_cpu(x, weight):
+        if _bf16_cpu_inference(x, weight):
+            return kernels.rms_norm_forward(x.float(), weight.float(), eps).to(torch.bfloat16)
         return F.rms_norm(x, weight.shape, weight, eps)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _RMSNorm.apply(x, weight, eps)

@@ -18,8 +18,8 @@ in_proj outputs, so that rejected draft tokens can be taken back (`HybridCache.r
 recurrence runs again over the kept tokens, `hybrid_rewind`).
 
 Plain greedy decoding goes one step further (`greedy`, `hybrid_greedy`): a chunk of steps in
-one call, the embedding, the final norm, the LM head and the argmax in C too, so that no Python
-runs between the steps of a chunk. Same tokens; measured on the benchmark model, same process:
+one call, the embedding, the final norm, the LM head and the argmax in C too (rounded to bf16
+where a bf16 model's module path rounds), so that no Python runs between the steps of a chunk. Same tokens; measured on the benchmark model, same process:
 1.11-1.20x batch-1 greedy `generate` in a slow stretch of this VM.
 
 A bf16 model's step reads its weight matrices as stored, half the bytes of fp32, and computes in
@@ -252,16 +252,21 @@ def _bound_plan(model: nn.Module, cache: HybridCache) -> StepPlan | None:
 
 
 def greedy_covers(model: nn.Module, tokens: Tensor, cache: HybridCache) -> bool:
-    """Whether `greedy` takes these rows: an fp32 CPU model whose every layer the C step covers,
-    with a plain final norm and LM head, and at most MAX_ROWS rows, outside autograd."""
+    """Whether `greedy` takes these rows: an fp32 or bf16 CPU model whose every layer the C step
+    covers, with a plain final norm and LM head of its embedding's type, and at most MAX_ROWS
+    rows, outside autograd."""
     embed, head = model.embed_tokens.weight, model.lm_head
     return (
         tokens.shape[0] <= MAX_ROWS
         and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and kernels.library() is not None
         and type(head) is Linear
         and head.bias is None
         and tokens.device.type == "cpu"
-        and kernels.fp32_cpu(embed, head.weight, model.norm.weight)
+        and embed.device.type == "cpu"
+        and embed.dtype in kernels.ELEMENT_TYPES
+        and head.weight.dtype == embed.dtype == model.norm.weight.dtype
         and embed.is_contiguous()
         and head.weight.is_contiguous()
         and _bound_plan(model, cache) is not None
@@ -292,9 +297,10 @@ def greedy(
     stops = torch.tensor(list(stop_ids), dtype=torch.long)
     out = torch.empty(steps, rows, dtype=torch.long)
     flags = finished.to(torch.uint8).contiguous()  # C's unsigned char
+    norm_w = norm.weight.float().contiguous()
     done = kernels.library().hybrid_greedy(
-        plan.layers, len(plan.layers), embed.data_ptr(), norm.weight.contiguous().data_ptr(), norm.eps,
-        head.weight.data_ptr(), embed.shape[0], embed.shape[1], tokens.data_ptr(), rows, steps, _ptr(cos),
+        plan.layers, len(plan.layers), embed.data_ptr(), kernels.ELEMENT_TYPES[embed.dtype],
+        norm_w.data_ptr(), norm.eps, head.weight.data_ptr(), embed.shape[0], embed.shape[1], tokens.data_ptr(), rows, steps, _ptr(cos),
         _ptr(sin), cos.shape[-1] if cos is not None else 0, _ptr(cache.valid if cache.padded else None),
         cache.capacity, cache.seqlen, stops.data_ptr(), stops.numel(), flags.data_ptr(), out.data_ptr(),
         torch.get_num_threads(),

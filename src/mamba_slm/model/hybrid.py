@@ -296,8 +296,9 @@ class HybridLM(nn.Module):
         positions = cache.begin(steps, None)  # (b, steps); the slots are marked real
         cos = sin = None
         if self.config.pos_encoding == "rope":
-            rope = rope_cos_sin(*self._rope_on(positions.device), positions, torch.float32)
-            cos, sin = (t.transpose(0, 1).contiguous() for t in rope)  # (steps, b, head_dim)
+            # in the model's dtype first, as forward's steps round them
+            rope = rope_cos_sin(*self._rope_on(positions.device), positions, self.embed_tokens.weight.dtype)
+            cos, sin = (t.transpose(0, 1).float().contiguous() for t in rope)  # (steps, b, head_dim)
         if finished is None:
             finished = torch.zeros(tokens.shape[0], dtype=torch.bool)
         done = fused_step.greedy(self, tokens, cache, cos, sin, stop_ids, finished, steps)

@@ -1218,21 +1218,28 @@ int hybrid_step(const StepLayer *layers, long n_layers, float *x, long R, long D
     return 1;
 }
 
-/* `steps` greedy decode steps of R rows (one token each) in one call, for an fp32 model: each row's
- * token is embedded (a row of `embed`, V x D), goes through every layer (`hybrid_step`), the final
- * RMSNorm and the LM head (`head`, V x D), and the logits' argmax (the first of equal maxima, as
- * torch's) is the row's next token, fed to the next step. The same kernels in the same order as
- * a step at a time from Python, so the same tokens; what is gone is the Python around each step
- * (cache bookkeeping, the rotary inputs, the norm's and the head's calls, the argmax): ~0.5 ms a
- * step here, a quarter of a fast batch-1 step, and the weight stream never waits on it.
+/* `steps` greedy decode steps of R rows (one token each) in one call: each row's token is
+ * embedded (a row of `embed`, V x D), goes through every layer (`hybrid_step`), the final RMSNorm
+ * and the LM head (`head`, V x D), and the logits' argmax (the first of equal maxima, as torch's)
+ * is the row's next token, fed to the next step. The same kernels in the same order as a step at
+ * a time from Python, so the same tokens; what is gone is the Python around each step (cache
+ * bookkeeping, the rotary inputs, the norm's and the head's calls, the argmax): ~0.5 ms a step
+ * here, a quarter of a fast batch-1 step, and the weight stream never waits on it. A bf16 model
+ * (wt: embed's and head's element type; norm_w is fp32 either way) rounds to bf16 where its
+ * module path holds bf16 tensors: the hidden state after the layers, the normed state, the
+ * logits.
  *
  * tokens (R) holds the rows' current tokens; out (steps x R) receives the next ones. cos/sin
  * (steps x R x hd, or NULL) are the rotary inputs of each step's positions; step t writes slot
  * slot + t, whose `valid` entries the caller has set. A row's token in `stop` (n_stop ids) sets
  * its `finished` flag; the call returns early, after the step that finishes the last unfinished
  * row. Returns the steps done, or -1 (nothing more done) when scratch cannot be allocated. */
-long hybrid_greedy(const StepLayer *layers, long n_layers, const float *embed, const float *norm_w, float norm_eps,
-                   const float *head, long V, long D, const long *tokens, long R, long steps, const float *cos,
+static void round_bf16(float *x, long n) {
+    for (long i = 0; i < n; i++) x[i] = bf16_f32(f32_bf16(x[i]));
+}
+
+long hybrid_greedy(const StepLayer *layers, long n_layers, const void *embed, int wt, const float *norm_w,
+                   float norm_eps, const void *head, long V, long D, const long *tokens, long R, long steps, const float *cos,
                    const float *sin, long hd, const unsigned char *valid, long valid_ld, long slot, const long *stop,
                    long n_stop, unsigned char *finished, long *out, int nt) {
     float *x = aligned_alloc(64, ((R * (2 * D + V) * sizeof(float) + 63) / 64) * 64);
@@ -1240,14 +1247,20 @@ long hybrid_greedy(const StepLayer *layers, long n_layers, const float *embed, c
     float *normed = x + R * D, *logits = normed + R * D;
     const long *current = tokens;
     for (long t = 0; t < steps; t++) {
-        for (long r = 0; r < R; r++) memcpy(x + r * D, embed + current[r] * D, D * sizeof(float));
+        for (long r = 0; r < R; r++)
+            for (long d = 0; d < D; d++)
+                x[r * D + d] = wt == F32 ? ((const float *)embed)[current[r] * D + d]
+                                         : bf16_f32(((const uint16_t *)embed)[current[r] * D + d]);
         const float *c = cos ? cos + t * R * hd : NULL, *s = sin ? sin + t * R * hd : NULL;
         if (!hybrid_step(layers, n_layers, x, R, D, c, s, valid, valid_ld, slot + t, 0, NULL, nt)) {
             free(x);
             return t ? t : -1;
         }
+        if (wt == BF16) round_bf16(x, R * D);
         rms_norm_fwd(x, D, norm_w, normed, R, D, norm_eps, 1);
-        linear_rows(normed, D, head, F32, NULL, logits, R, V, D, nt);
+        if (wt == BF16) round_bf16(normed, R * D);
+        linear_rows(normed, D, head, wt, NULL, logits, R, V, D, nt);
+        if (wt == BF16) round_bf16(logits, R * V);
         int all_finished = 1;
         for (long r = 0; r < R; r++) {
             const float *l = logits + r * V;
