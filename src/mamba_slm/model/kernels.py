@@ -40,6 +40,8 @@ FLAG_SETS = (
 )
 
 _P, _L, _I, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
+# hybrid_greedy's 23 arguments (a list of its own: in the dict below, the formatter splits it one per line)
+_HYBRID_GREEDY = [_P, _L, _P, _I, _P, _F, _P, _L, _L, _P, _L, _L, _P, _P, _L, _P, _L, _L, _P, _L, _P, _P, _I]
 _SIGNATURES = {
     "conv_silu_fwd": [_P, _L, _P, _P, _P, _P, _L, _L, _L, _L, _I],
     "conv_silu_bwd": [_P, _L, _P, _P, _P, _P, _P, _P, _L, _L, _L, _L, _I],
@@ -81,31 +83,7 @@ _SIGNATURES = {
     "mlp_rows": [_P, _P, _F, _P, _P, _P, _I, _P, _P, _P, _P, _L, _L, _L, _I],
     "hybrid_step": [_P, _L, _P, _L, _L, _P, _P, _P, _L, _L, _L, _P, _I],
     "hybrid_rewind": [_P, _L, _P, _L, _I],
-    "hybrid_greedy": [
-        _P,
-        _L,
-        _P,
-        _I,
-        _P,
-        _F,
-        _P,
-        _L,
-        _L,
-        _P,
-        _L,
-        _L,
-        _P,
-        _P,
-        _L,
-        _P,
-        _L,
-        _L,
-        _P,
-        _L,
-        _P,
-        _P,
-        _I,
-    ],
+    "hybrid_greedy": _HYBRID_GREEDY,
 }
 _RETURNS = {"hybrid_step": ctypes.c_int, "hybrid_rewind": ctypes.c_int, "hybrid_greedy": ctypes.c_long}
 
