@@ -301,7 +301,7 @@ def test_streaming_never_splits_a_multibyte_character(tokenizer, monkeypatch):
     scripted = [tokenizer.convert_tokens_to_ids(t) for t in tokenizer.tokenize(text)]
     assert len(scripted) > len(text.split())  # byte-level: multi-byte characters span several tokens
     engine = Engine(tiny(len(tokenizer)), tokenizer)
-    monkeypatch.setattr(engine, "_steps", lambda ids, cfg: iter(torch.tensor([t]) for t in scripted))
+    monkeypatch.setattr(engine, "_steps", lambda ids, cfg, **kw: iter(torch.tensor([t]) for t in scripted))
     deltas = list(engine.stream("x", GenerationConfig(max_new_tokens=len(scripted))))
     assert "".join(deltas) == text
     assert not any("\ufffd" in d for d in deltas)
@@ -314,7 +314,7 @@ def test_streaming_holds_back_a_stop_string_start_before_a_partial_character(tok
     text = "Hi Q\uff1a there" if stop.startswith("Q") else "x \u00e9\n\u00e9 y"
     scripted = [tokenizer.convert_tokens_to_ids(t) for t in tokenizer.tokenize(text)]
     engine = Engine(tiny(len(tokenizer)), tokenizer)
-    monkeypatch.setattr(engine, "_steps", lambda ids, cfg: iter(torch.tensor([t]) for t in scripted))
+    monkeypatch.setattr(engine, "_steps", lambda ids, cfg, **kw: iter(torch.tensor([t]) for t in scripted))
     cfg = GenerationConfig(max_new_tokens=len(scripted), stop_strings=(stop,))
     streamed = "".join(engine.stream("x", cfg))
     assert streamed == engine.generate(["x"], cfg)[0].text == text[: text.find(stop)]
@@ -416,16 +416,18 @@ def test_greedy_decodes_in_chunks_of_c_steps_and_ends_as_one_step_at_a_time_does
     configs = [plain, replace(plain, stop_token_ids=(stop_id,)), replace(plain, stop_strings=(stop_string,))]
     monkeypatch.setattr(HybridLM, "decode_greedy", counting)
     got = [engine.generate(["The quick", "Café"], cfg) for cfg in configs]
-    streamed = "".join(engine.stream("Café", configs[2]))
     assert chunks[:3] == [16, 16, 4]  # 1 token from the prefill, then chunks up to the limit
     assert None not in chunks and 1 not in chunks[:2]
+    before = len(chunks)
+    streamed = ["".join(engine.stream("Café", cfg)) for cfg in (plain, configs[2])]
+    assert chunks[before : before + 9] == [4] * 9  # a stream's text arrives every 4 tokens
     monkeypatch.setattr(HybridLM, "decode_greedy", lambda *args, **kwargs: None)  # one forward per step
     for cfg, completions in zip(configs, got, strict=True):
         assert completions == engine.generate(["The quick", "Café"], cfg)
     assert got[0] == full
     assert got[1][0].finish_reason == "stop" and got[1][0].tokens[-1] == stop_id
     assert got[2][1].finish_reason == "stop" and stop_string not in got[2][1].text
-    assert streamed == got[2][1].text
+    assert streamed == [got[0][1].text, got[2][1].text]
 
 
 @pytest.mark.parametrize(

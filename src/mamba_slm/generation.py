@@ -39,9 +39,10 @@ from .speculative import NGRAMS_NAME, CorpusNgrams, lookup_steps
 
 # top-p looks for the nucleus among this many likeliest tokens, then this many, then sorts them all
 NUCLEUS_CANDIDATES = (128, 1024)
-# plain greedy decoding's steps per call of the C kernels (`HybridLM.decode_greedy`); with stop
-# strings fewer, as those are checked between calls and the steps past one are wasted
-GREEDY_CHUNK, GREEDY_CHUNK_STOP_STRINGS = 16, 4
+# plain greedy decoding's steps per call of the C kernels (`HybridLM.decode_greedy`); fewer with
+# stop strings, which are checked between calls (the steps past one are wasted), and in `stream`,
+# whose text then arrives every few tokens rather than in bursts
+GREEDY_CHUNK, GREEDY_CHUNK_SHORT = 16, 4
 KV_ROOM = 1024  # new tokens the first KV allocation holds beyond the prompt
 GPU_ROWS = 256  # default rows of a batch on a GPU: enough to fill it for small models, bounded memory
 
@@ -488,7 +489,7 @@ class Engine:
         collector = _Collector(1, config, self.tokenizer)
         decoded = _IncrementalText(self.tokenizer)
         sent = 0
-        steps = self._steps(ids, config)
+        steps = self._steps(ids, config, short_chunks=True)
         try:
             for step_tokens in steps:
                 if cancel is not None and cancel.is_set():
@@ -525,14 +526,18 @@ class Engine:
                          output_hidden_states=hidden)  # fmt: skip
         return out.logits[:, -1].float(), cache, out.hidden_states, tokens, mask
 
-    def _steps(self, ids: list[list[int]], config: GenerationConfig) -> Iterator[Tensor]:
+    def _steps(
+        self, ids: list[list[int]], config: GenerationConfig, short_chunks: bool = False
+    ) -> Iterator[Tensor]:
         with _evaluating(self.model):
             if config.strategy == "contrastive":
                 yield from self._contrastive_steps(ids, config)
             else:
-                yield from self._sample_steps(ids, config)
+                yield from self._sample_steps(ids, config, short_chunks)
 
-    def _sample_steps(self, ids: list[list[int]], config: GenerationConfig) -> Iterator[Tensor]:
+    def _sample_steps(
+        self, ids: list[list[int]], config: GenerationConfig, short_chunks: bool = False
+    ) -> Iterator[Tensor]:
         """Prefill once, then yield (rows,) next tokens; the consumer stops the iteration."""
         logits, cache, _, tokens, mask = self._prefill(ids, config)
         n = config.num_return_sequences
@@ -549,7 +554,7 @@ class Engine:
                                     self.ngrams, None if plain_greedy else pick)  # fmt: skip
             return
         if config.temperature == 0 and pick.penalty is None:
-            yield from self._greedy_steps(logits, cache, config)
+            yield from self._greedy_steps(logits, cache, config, short_chunks)
             return
         step_input = torch.empty(logits.shape[0], 1, dtype=torch.long, device=self.device)
         for step in range(config.max_new_tokens):
@@ -560,13 +565,15 @@ class Engine:
             step_input[:, 0] = nxt
             logits = self.model(step_input, cache=cache).logits[:, -1].float()
 
-    def _greedy_steps(self, logits: Tensor, cache: HybridCache, config: GenerationConfig) -> Iterator[Tensor]:
+    def _greedy_steps(
+        self, logits: Tensor, cache: HybridCache, config: GenerationConfig, short_chunks: bool = False
+    ) -> Iterator[Tensor]:
         """Plain greedy decoding after the prefill's `logits`: chunks of steps in one call of the C
         kernels where they cover the model (`HybridLM.decode_greedy`; the same tokens without the
         Python around each step), else one `forward` per step."""
         stops = config.stop_ids
         stop_tensor = torch.tensor(stops, dtype=torch.long, device=self.device)
-        chunk = GREEDY_CHUNK_STOP_STRINGS if config.stop_strings else GREEDY_CHUNK
+        chunk = GREEDY_CHUNK_SHORT if short_chunks or config.stop_strings else GREEDY_CHUNK
         finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=self.device)
         step_input = torch.empty(logits.shape[0], 1, dtype=torch.long, device=self.device)
         nxt, left, in_c = logits.argmax(-1), config.max_new_tokens, True
