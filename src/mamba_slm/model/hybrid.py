@@ -301,12 +301,12 @@ class HybridLM(nn.Module):
             cos, sin = (t.transpose(0, 1).float().contiguous() for t in rope)  # (steps, b, head_dim)
         if finished is None:
             finished = torch.zeros(tokens.shape[0], dtype=torch.bool)
-        done = fused_step.greedy(self, tokens, cache, cos, sin, stop_ids, finished, steps)
-        if done is None:  # the slots begin() reserved are taken again by the next pass
+        chosen = fused_step.greedy(self, tokens, cache, cos, sin, stop_ids, finished, steps)
+        if chosen is None:  # the slots begin() reserved are taken again by the next pass
             return None
-        cache.end(done.shape[0])
+        cache.end(chosen.shape[0])
         cache.pass_len = 0  # a greedy pass keeps no trail: nothing to take back
-        return done
+        return chosen
 
     # ------------------------------------------------------------------ conveniences
     def allocate_cache(
