@@ -1239,9 +1239,9 @@ static void round_bf16(float *x, long n) {
 }
 
 long hybrid_greedy(const StepLayer *layers, long n_layers, const void *embed, int wt, const float *norm_w,
-                   float norm_eps, const void *head, long V, long D, const long *tokens, long R, long steps, const float *cos,
-                   const float *sin, long hd, const unsigned char *valid, long valid_ld, long slot, const long *stop,
-                   long n_stop, unsigned char *finished, long *out, int nt) {
+                   float norm_eps, const void *head, long V, long D, const long *tokens, long R, long steps,
+                   const float *cos, const float *sin, long hd, const unsigned char *valid, long valid_ld, long slot,
+                   const long *stop, long n_stop, unsigned char *finished, long *out, int nt) {
     float *x = aligned_alloc(64, ((R * (2 * D + V) * sizeof(float) + 63) / 64) * 64);
     if (!x) return -1;
     float *normed = x + R * D, *logits = normed + R * D;
