@@ -403,3 +403,8 @@ def test_greedy_chunks_leave_to_forward_what_the_c_step_does_not_cover():
     cache, token = _prefilled(model, [[5, 17, 9, 3]])
     with torch.enable_grad():
         assert model.decode_greedy(token, cache, 4) is None  # autograd
+    with torch.no_grad(), pytest.raises(IndexError, match=r"token ids must be in \[0, 96\)"):
+        model.decode_greedy(torch.tensor([96]), cache, 4)  # never read past the embedding table
+    with torch.no_grad(), pytest.raises(ValueError, match="at least 1 step"):
+        model.decode_greedy(token, cache, 0)
+    assert cache.seqlen == 4

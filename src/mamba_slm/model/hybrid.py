@@ -285,6 +285,12 @@ class HybridLM(nn.Module):
         an argmax each. k < steps once every row has emitted one of `stop_ids`; `finished` (b,)
         bool marks the rows that already have, and is updated. None, with nothing done, where the
         C step does not cover this model or cache: step with `forward` instead."""
+        if steps < 1:
+            raise ValueError(f"decode_greedy: expected at least 1 step, got {steps}")
+        vocab = self.config.vocab_size
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
+            # the C loop reads the embedding row of each token unchecked
+            raise IndexError(f"decode_greedy: token ids must be in [0, {vocab}), got {tokens.tolist()}")
         window = self.config.sliding_window
         if (
             self.config.pos_encoding == "alibi"

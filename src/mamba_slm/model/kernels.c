@@ -1218,6 +1218,11 @@ int hybrid_step(const StepLayer *layers, long n_layers, float *x, long R, long D
     return 1;
 }
 
+/* x rounded to bf16 precision in place, as a bf16 tensor holds it */
+static void round_bf16(float *x, long n) {
+    for (long i = 0; i < n; i++) x[i] = bf16_f32(f32_bf16(x[i]));
+}
+
 /* `steps` greedy decode steps of R rows (one token each) in one call: each row's token is
  * embedded (a row of `embed`, V x D), goes through every layer (`hybrid_step`), the final RMSNorm
  * and the LM head (`head`, V x D), and the logits' argmax (the first of equal maxima, as torch's)
@@ -1233,11 +1238,8 @@ int hybrid_step(const StepLayer *layers, long n_layers, float *x, long R, long D
  * (steps x R x hd, or NULL) are the rotary inputs of each step's positions; step t writes slot
  * slot + t, whose `valid` entries the caller has set. A row's token in `stop` (n_stop ids) sets
  * its `finished` flag; the call returns early, after the step that finishes the last unfinished
- * row. Returns the steps done, or -1 (nothing more done) when scratch cannot be allocated. */
-static void round_bf16(float *x, long n) {
-    for (long i = 0; i < n; i++) x[i] = bf16_f32(f32_bf16(x[i]));
-}
-
+ * row. Returns the steps done: fewer when scratch cannot be allocated after some, -1 when it
+ * cannot be before the first (nothing done). */
 long hybrid_greedy(const StepLayer *layers, long n_layers, const void *embed, int wt, const float *norm_w,
                    float norm_eps, const void *head, long V, long D, const long *tokens, long R, long steps,
                    const float *cos, const float *sin, long hd, const unsigned char *valid, long valid_ld, long slot,
